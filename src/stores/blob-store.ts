@@ -1,0 +1,62 @@
+import type { Digest } from '../digest.ts';
+
+export interface CallOptions {
+  /** Cancels the operation and any downstream shard call. */
+  readonly signal?: AbortSignal | undefined;
+}
+
+export interface GetOptions extends CallOptions {
+  /** First byte to return; 0 when absent. Must be <= the blob size. */
+  readonly offset?: number | undefined;
+  /** Maximum number of bytes to return; 0 or absent means "to the end". */
+  readonly limit?: number | undefined;
+}
+
+export type PutOptions = CallOptions;
+
+/**
+ * What a store reports about itself for the admin page and metrics. `kind` is
+ * the config key that built it; `children` mirrors the config tree.
+ */
+export interface StoreDescription {
+  readonly kind: string;
+  readonly name?: string;
+  readonly [key: string]: unknown;
+  readonly children?: readonly StoreDescription[];
+}
+
+/**
+ * The one interface every store implements, for the CAS tree and the AC tree
+ * alike. Stores compose as decorators (sharding, fallback, completeness
+ * checking) over leaves (memory, disk, remote).
+ *
+ * Errors are ConnectErrors carrying the gRPC code that the client should see:
+ * NOT_FOUND for a miss, INVALID_ARGUMENT for data that does not match its
+ * digest, UNAVAILABLE/INTERNAL/UNKNOWN/DEADLINE_EXCEEDED for infrastructure
+ * failures (see isInfrastructureError).
+ */
+export interface BlobStore {
+  /** Returns the subset of `digests` this store cannot serve. Order is not significant. */
+  findMissing(digests: readonly Digest[], opts?: CallOptions): Promise<Digest[]>;
+
+  /**
+   * Opens a blob for reading. Rejects with NOT_FOUND (or an infrastructure
+   * error) before the first byte, so that routers can decide early; once the
+   * promise resolves, the stream yields the requested range. The stream may
+   * still fail mid-way on an infrastructure error.
+   */
+  get(digest: Digest, opts?: GetOptions): Promise<AsyncIterable<Uint8Array>>;
+
+  /**
+   * Stores a blob. For the CAS, content is verified against the digest and a
+   * mismatch rejects with INVALID_ARGUMENT; nothing partial ever becomes
+   * visible. Resolves only once the blob is durable and readable.
+   */
+  put(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void>;
+
+  /** State for the admin page and metrics. Cheap and synchronous. */
+  describe(): StoreDescription;
+
+  /** Stops background work and releases resources. Idempotent. */
+  close(): Promise<void>;
+}

@@ -1,0 +1,665 @@
+import { randomBytes } from 'node:crypto';
+import type { FileHandle } from 'node:fs/promises';
+import { statSync } from 'node:fs';
+import { mkdir, open, readdir, rename, rm, unlink, utimes } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Readable } from 'node:stream';
+import { Code, ConnectError } from '@connectrpc/connect';
+import type { Logger } from 'pino';
+import type { Digest } from '../digest.ts';
+import { digestString, EMPTY_SHA256, isEmptyDigest } from '../digest.ts';
+import { notFound, throwIfAborted, toConnectError } from '../errors.ts';
+import { resolveRange, verifying } from '../streams.ts';
+import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
+
+export interface DiskStoreOptions {
+  /** The store's own directory; created if absent. One process per directory. */
+  readonly path: string;
+  /** Evict least recently used blobs beyond this many bytes (file contents, not blocks). */
+  readonly maxSizeBytes: number;
+  /**
+   * True for the CAS: content is verified against its digest while it is
+   * written. False for the AC, where the key is an action digest and the value
+   * an ActionResult of any length, overwritten on every put.
+   */
+  readonly contentAddressed: boolean;
+  readonly logger?: Logger | undefined;
+  /**
+   * fsync each blob before it becomes visible, so an acknowledged write
+   * survives power loss. Default true; turn off only for scratch caches and
+   * benchmarks (a process crash is safe either way).
+   */
+  readonly fsync?: boolean | undefined;
+  /**
+   * Use of a blob moves its mtime forward at most this often, so that recency
+   * survives restarts without a syscall per FindMissing. Default 60000.
+   */
+  readonly touchIntervalMs?: number | undefined;
+}
+
+interface Entry {
+  /** Bytes in the file: the digest size for the CAS, the value length for the AC. */
+  size: number;
+  /** Last use as persisted (or about to be) in the file's mtime. */
+  mtimeMs: number;
+}
+
+const TMP_DIR = 'tmp';
+const READ_CHUNK_BYTES = 256 * 1024;
+const SCAN_CONCURRENCY = 32;
+const STAT_BATCH = 1000;
+const TOUCH_CONCURRENCY = 4;
+const DEFAULT_TOUCH_INTERVAL_MS = 60_000;
+const FAN_OUT = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
+const FAN_OUT_SET = new Set(FAN_OUT);
+const BLOB_NAME = /^([0-9a-f]{64})-(0|[1-9][0-9]{0,15})$/;
+
+/**
+ * The storage node's own store: one file per blob under `path`, with an LRU
+ * size cap. Use it as the leaf of a storage node's CAS tree and AC tree, each
+ * at its own path (an action digest is also a valid CAS key, so the two must
+ * never share a directory).
+ *
+ * Layout: `<path>/<first 2 hex of hash>/<hash>-<size>` for blobs and
+ * `<path>/tmp/` for writes in progress. A write streams into a fresh temp file
+ * (verified on the fly against the digest in a CAS), is fsync'd, and is
+ * renamed into place only when complete and valid, so readers and restarts
+ * never see a partial blob; concurrent writers of one digest each use their
+ * own temp file and the last rename wins. tmp/ is emptied on open.
+ *
+ * Recency lives in an in-memory index (a Map in LRU order). FindMissing and
+ * reads refresh it, since Bazel treats FindMissing as a lease on the blob, and
+ * push the file's mtime forward at most once per `touchIntervalMs` so the
+ * order survives a restart: open() rebuilds the index from a directory scan
+ * sorted by mtime. FindMissing consults only the index; a file removed behind
+ * the store's back is noticed (and forgotten) by the next read.
+ *
+ * The catch: a stream returned by get() holds an open file descriptor until it
+ * is consumed, broken out of, or returned; callers must do one of these.
+ * Eviction unlinks files, which is safe for readers already streaming them.
+ *
+ * close() aborts writes in flight (they reject UNAVAILABLE and leave nothing
+ * behind) rather than waiting for them, since an upload may stall
+ * indefinitely; streams already returned by get() keep working.
+ *
+ * Config:
+ * ```json
+ * {"disk": {"path": "data/cas", "maxSizeBytes": 10737418240}}
+ * ```
+ */
+export class DiskStore implements BlobStore {
+  // Map iteration order is insertion order: re-inserting on use makes the
+  // first entry the least recently used.
+  readonly #index = new Map<string, Entry>();
+  readonly #opts: DiskStoreOptions;
+  readonly #root: string;
+  readonly #tmpDir: string;
+  readonly #fsync: boolean;
+  readonly #touchIntervalMs: number;
+  readonly #log: Logger | undefined;
+  // Per-key queue serialising "rename into place + index update" against
+  // "unlink after eviction", so an eviction never deletes a newer file.
+  readonly #keyOps = new Map<string, Promise<void>>();
+  readonly #writesInFlight = new Set<Promise<void>>();
+  readonly #touchQueue = new Set<string>();
+  readonly #touchWorkers = new Set<Promise<void>>();
+  readonly #closing = new AbortController();
+  #closePromise: Promise<void> | undefined;
+  #tmpSeq = 0;
+  #bytes = 0;
+  #evictions = 0;
+  #writes = 0;
+  #reads = 0;
+  #openMs = 0;
+  #tempFilesRemoved = 0;
+  #junkRemoved = 0;
+
+  private constructor(opts: DiskStoreOptions) {
+    this.#opts = opts;
+    this.#root = opts.path;
+    this.#tmpDir = join(opts.path, TMP_DIR);
+    this.#fsync = opts.fsync ?? true;
+    this.#touchIntervalMs = opts.touchIntervalMs ?? DEFAULT_TOUCH_INTERVAL_MS;
+    this.#log = opts.logger;
+  }
+
+  /** Opens (or creates) the store at `opts.path` and rebuilds its index from disk. */
+  static async open(opts: DiskStoreOptions): Promise<DiskStore> {
+    if (typeof opts.path !== 'string' || opts.path === '') {
+      throw new ConnectError('disk store: path must be a non-empty string', Code.InvalidArgument);
+    }
+    if (!Number.isSafeInteger(opts.maxSizeBytes) || opts.maxSizeBytes <= 0) {
+      throw new ConnectError(
+        `disk store ${opts.path}: maxSizeBytes must be a positive integer, got ${opts.maxSizeBytes}`,
+        Code.InvalidArgument,
+      );
+    }
+    const store = new DiskStore(opts);
+    await store.#load();
+    return store;
+  }
+
+  async findMissing(digests: readonly Digest[], opts?: CallOptions): Promise<Digest[]> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    const missing: Digest[] = [];
+    const now = Date.now();
+    for (const d of digests) {
+      if (this.#opts.contentAddressed && isEmptyDigest(d)) continue;
+      const key = digestString(d);
+      const entry = this.#index.get(key);
+      if (entry === undefined) missing.push(d);
+      else this.#touch(key, entry, now);
+    }
+    return missing;
+  }
+
+  async get(digest: Digest, opts?: GetOptions): Promise<AsyncIterable<Uint8Array>> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    const key = digestString(digest);
+    const entry = this.#index.get(key);
+    if (entry === undefined) {
+      if (!(this.#opts.contentAddressed && isEmptyDigest(digest))) throw notFound(digest);
+      resolveRange(0, opts?.offset, opts?.limit);
+      this.#reads++;
+      return empty();
+    }
+    this.#touch(key, entry, Date.now());
+
+    // Open the descriptor before resolving: NOT_FOUND must come before the
+    // first byte, and an open descriptor keeps reading correctly even if
+    // eviction unlinks the file meanwhile.
+    let fh: FileHandle;
+    try {
+      fh = await open(this.#blobPath(key), 'r');
+    } catch (err) {
+      if (errno(err) === 'ENOENT') {
+        this.#log?.warn({ path: this.#root, blob: key }, 'disk store: blob file vanished; forgetting it');
+        this.#forget(key, entry);
+        throw notFound(digest);
+      }
+      throw this.#ioError(`opening blob ${key}`, err);
+    }
+    try {
+      const { size } = await fh.stat();
+      if (this.#opts.contentAddressed && size !== digest.size) {
+        // Truncated or tampered with outside the store: never serve it.
+        this.#log?.error(
+          { path: this.#root, blob: key, fileSize: size },
+          'disk store: blob file has the wrong size; removing it',
+        );
+        this.#forget(key, entry);
+        void this.#removeFile(key);
+        throw notFound(digest);
+      }
+      const { start, end } = resolveRange(size, opts?.offset, opts?.limit);
+      this.#reads++;
+      if (start === end) {
+        await fh.close();
+        return empty();
+      }
+      const rs = fh.createReadStream({ start, end: end - 1, highWaterMark: READ_CHUNK_BYTES });
+      return this.#readStream(rs, key, opts?.signal);
+    } catch (err) {
+      await fh.close().catch(noop);
+      if (err instanceof ConnectError) throw err;
+      throw this.#ioError(`reading blob ${key}`, err);
+    }
+  }
+
+  async put(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    if (this.#opts.contentAddressed) {
+      if (digest.size > this.#opts.maxSizeBytes) throw this.#tooLarge(digest, digest.size);
+      if (isEmptyDigest(digest)) {
+        // Always present; nothing to store, but the stream must still be empty.
+        for await (const _ of verifying(digest, chunks)) throwIfAborted(opts?.signal);
+        return;
+      }
+    }
+    const signal = opts?.signal ? AbortSignal.any([opts.signal, this.#closing.signal]) : this.#closing.signal;
+    const write = this.#write(digest, chunks, signal, opts?.signal);
+    this.#writesInFlight.add(write);
+    try {
+      await write;
+    } finally {
+      this.#writesInFlight.delete(write);
+    }
+  }
+
+  describe(): StoreDescription {
+    return {
+      kind: 'disk',
+      path: this.#root,
+      contentAddressed: this.#opts.contentAddressed,
+      blobs: this.#index.size,
+      bytes: this.#bytes,
+      maxSizeBytes: this.#opts.maxSizeBytes,
+      evictions: this.#evictions,
+      writes: this.#writes,
+      reads: this.#reads,
+      writesInFlight: this.#writesInFlight.size,
+      openMs: Math.round(this.#openMs),
+      tempFilesRemovedAtOpen: this.#tempFilesRemoved,
+      junkRemovedAtOpen: this.#junkRemoved,
+      closed: this.#closePromise !== undefined,
+    };
+  }
+
+  /**
+   * Aborts writes in flight and waits until their temp files are gone, lets
+   * pending evictions and mtime updates finish, then drops the index.
+   * Idempotent. Streams already returned by get() keep working.
+   */
+  close(): Promise<void> {
+    this.#closePromise ??= (async () => {
+      this.#closing.abort(new ConnectError(`disk store ${this.#root} is closing`, Code.Unavailable));
+      await Promise.allSettled([...this.#writesInFlight]);
+      await Promise.allSettled([...this.#keyOps.values()]);
+      while (this.#touchWorkers.size > 0) await Promise.allSettled([...this.#touchWorkers]);
+      this.#index.clear();
+      this.#bytes = 0;
+      this.#log?.info({ path: this.#root }, 'disk store closed');
+    })();
+    return this.#closePromise;
+  }
+
+  // ---- writing ----
+
+  async #write(
+    digest: Digest,
+    chunks: AsyncIterable<Uint8Array>,
+    signal: AbortSignal,
+    callerSignal: AbortSignal | undefined,
+  ): Promise<void> {
+    const key = digestString(digest);
+    const tmpPath = join(this.#tmpDir, `${key}.${++this.#tmpSeq}.${randomBytes(4).toString('hex')}`);
+    let fh: FileHandle | undefined;
+    let committed = false;
+    try {
+      fh = await this.#io(`creating temp file for blob ${key}`, open(tmpPath, 'wx', 0o644));
+      const source = this.#opts.contentAddressed ? verifying(digest, chunks) : this.#capped(digest, chunks);
+      let size = 0;
+      const it = source[Symbol.asyncIterator]();
+      try {
+        for (;;) {
+          // Awaiting each write before pulling the next chunk is the
+          // backpressure: at most one chunk is held per upload.
+          const r = await abortable(it.next(), signal);
+          if (r.done) break;
+          if (r.value.byteLength === 0) continue;
+          await this.#io(`writing blob ${key}`, writeFully(fh, r.value));
+          size += r.value.byteLength;
+        }
+      } catch (err) {
+        // Stop the source (it may be stuck waiting on a client); don't wait.
+        it.return?.().catch(noop);
+        throw err;
+      }
+      if (this.#fsync) await this.#io(`syncing blob ${key}`, fh.sync());
+      await this.#io(`closing blob ${key}`, fh.close());
+      fh = undefined;
+      if (signal.aborted) throw signal.reason;
+      await this.#withKey(key, async () => {
+        await this.#renameIntoPlace(tmpPath, key);
+        committed = true;
+        const old = this.#index.get(key);
+        if (old !== undefined) {
+          this.#bytes -= old.size;
+          this.#index.delete(key);
+        }
+        this.#index.set(key, { size, mtimeMs: Date.now() });
+        this.#bytes += size;
+      });
+      this.#writes++;
+      this.#evict(key);
+    } catch (err) {
+      if (fh !== undefined) await fh.close().catch(noop);
+      if (!committed) {
+        await unlink(tmpPath).catch((e: unknown) => {
+          if (errno(e) !== 'ENOENT') this.#log?.warn({ err: e, tmpPath }, 'disk store: could not remove temp file');
+        });
+      }
+      throw this.#writeError(err, key, signal, callerSignal);
+    }
+  }
+
+  async #renameIntoPlace(tmpPath: string, key: string): Promise<void> {
+    const dest = this.#blobPath(key);
+    try {
+      await rename(tmpPath, dest);
+    } catch (err) {
+      if (errno(err) !== 'ENOENT') throw this.#ioError(`renaming blob ${key} into place`, err);
+      // The fan-out directory was removed behind our back: recreate it once.
+      await this.#io(`creating directory for blob ${key}`, mkdir(join(this.#root, key.slice(0, 2)), { recursive: true }));
+      await this.#io(`renaming blob ${key} into place`, rename(tmpPath, dest));
+    }
+  }
+
+  /** For the AC, where the length is not known in advance: enforce the cap while streaming. */
+  async *#capped(digest: Digest, chunks: AsyncIterable<Uint8Array>): AsyncIterable<Uint8Array> {
+    let n = 0;
+    for await (const c of chunks) {
+      n += c.byteLength;
+      if (n > this.#opts.maxSizeBytes) throw this.#tooLarge(digest);
+      yield c;
+    }
+  }
+
+  /** `valueLength` is known for the CAS (the digest size) and not for the AC. */
+  #tooLarge(digest: Digest, valueLength?: number): ConnectError {
+    const what =
+      valueLength === undefined
+        ? `entry ${digestString(digest)}: value is larger than`
+        : `blob ${digestString(digest)} is ${valueLength} bytes, larger than`;
+    return new ConnectError(
+      `${what} the disk store's maxSizeBytes (${this.#opts.maxSizeBytes}) at ${this.#root}`,
+      Code.ResourceExhausted,
+    );
+  }
+
+  #writeError(err: unknown, key: string, signal: AbortSignal, callerSignal: AbortSignal | undefined): ConnectError {
+    if (callerSignal?.aborted) {
+      return new ConnectError(`write of blob ${key} was cancelled`, Code.Canceled, undefined, undefined, callerSignal.reason);
+    }
+    if (signal.aborted) {
+      return new ConnectError(
+        `disk store ${this.#root} is closing; write of blob ${key} aborted`,
+        Code.Unavailable,
+        undefined,
+        undefined,
+        signal.reason,
+      );
+    }
+    return toConnectError(err);
+  }
+
+  // ---- reading ----
+
+  #readStream(rs: Readable, key: string, signal: AbortSignal | undefined): AsyncIterable<Uint8Array> {
+    const onAbort = () => rs.destroy(new ConnectError(`read of blob ${key} was cancelled`, Code.Canceled));
+    signal?.addEventListener('abort', onAbort, { once: true });
+    if (signal?.aborted) onAbort();
+    rs.once('close', () => signal?.removeEventListener('abort', onAbort));
+    const mapError = (err: unknown): never => {
+      if (err instanceof ConnectError) throw err;
+      throw this.#ioError(`reading blob ${key}`, err);
+    };
+    // A plain iterator over the Readable (not a generator wrapper), so that
+    // return() before the first next() still destroys the stream and closes
+    // the descriptor.
+    return {
+      [Symbol.asyncIterator]() {
+        const it = rs[Symbol.asyncIterator]();
+        return {
+          next: () => it.next().catch(mapError),
+          return: async () => {
+            rs.destroy();
+            await it.return?.();
+            return { done: true as const, value: undefined };
+          },
+        };
+      },
+    };
+  }
+
+  // ---- index and recency ----
+
+  #touch(key: string, entry: Entry, now: number): void {
+    this.#index.delete(key);
+    this.#index.set(key, entry);
+    if (now - entry.mtimeMs >= this.#touchIntervalMs) {
+      entry.mtimeMs = now;
+      this.#touchQueue.add(key);
+      if (this.#touchWorkers.size < TOUCH_CONCURRENCY) {
+        const w = this.#touchWorker().finally(() => this.#touchWorkers.delete(w));
+        this.#touchWorkers.add(w);
+      }
+    }
+  }
+
+  async #touchWorker(): Promise<void> {
+    for (const key of this.#touchQueue) {
+      this.#touchQueue.delete(key);
+      const entry = this.#index.get(key);
+      if (entry === undefined) continue;
+      const t = entry.mtimeMs / 1000;
+      try {
+        await utimes(this.#blobPath(key), t, t);
+      } catch (err) {
+        if (errno(err) !== 'ENOENT') this.#log?.warn({ err, blob: key }, 'disk store: could not update mtime');
+      }
+    }
+  }
+
+  /** Drops `key` from the index if it still maps to `entry` (a newer write may have replaced it). */
+  #forget(key: string, entry: Entry): void {
+    if (this.#index.get(key) !== entry) return;
+    this.#index.delete(key);
+    this.#bytes -= entry.size;
+  }
+
+  #evict(keep: string | undefined): void {
+    for (const [key, entry] of this.#index) {
+      if (this.#bytes <= this.#opts.maxSizeBytes) break;
+      if (key === keep) continue;
+      this.#index.delete(key);
+      this.#bytes -= entry.size;
+      this.#evictions++;
+      void this.#removeFile(key);
+    }
+  }
+
+  /** Unlinks the file of a key that has left the index, unless a newer write has put it back. */
+  #removeFile(key: string): Promise<void> {
+    return this.#withKey(key, async () => {
+      if (this.#index.has(key)) return;
+      try {
+        await unlink(this.#blobPath(key));
+      } catch (err) {
+        if (errno(err) !== 'ENOENT') this.#log?.warn({ err, blob: key }, 'disk store: could not remove evicted blob');
+      }
+    });
+  }
+
+  #withKey(key: string, fn: () => Promise<void>): Promise<void> {
+    const prev = this.#keyOps.get(key);
+    const run = prev === undefined ? fn() : prev.then(fn);
+    const tail = run.then(noop, noop);
+    this.#keyOps.set(key, tail);
+    void tail.then(() => {
+      if (this.#keyOps.get(key) === tail) this.#keyOps.delete(key);
+    });
+    return run;
+  }
+
+  // ---- opening ----
+
+  async #load(): Promise<void> {
+    const t0 = performance.now();
+    await this.#io('creating store directory', mkdir(this.#root, { recursive: true }));
+
+    // Anything in tmp/ is a write that never completed (crash, kill -9).
+    try {
+      this.#tempFilesRemoved = (await readdir(this.#tmpDir)).length;
+    } catch (err) {
+      if (errno(err) !== 'ENOENT') throw this.#ioError('listing tmp/', err);
+    }
+    await this.#io('emptying tmp/', rm(this.#tmpDir, { recursive: true, force: true }));
+    await this.#io('creating tmp/', mkdir(this.#tmpDir));
+
+    const top = await this.#io('listing store directory', readdir(this.#root, { withFileTypes: true }));
+    const present = new Set<string>();
+    for (const e of top) {
+      if (e.isDirectory() && FAN_OUT_SET.has(e.name)) present.add(e.name);
+      else if (e.name !== TMP_DIR) {
+        this.#log?.warn({ path: this.#root, entry: e.name }, 'disk store: ignoring unexpected entry in store directory');
+      }
+    }
+
+    // Directory listings give names; names give hash and (for the CAS) size.
+    const candidates: { dir: string; name: string; size: number }[] = [];
+    const junk: string[] = [];
+    await forEachLimit(FAN_OUT, SCAN_CONCURRENCY, async (dir) => {
+      const dirPath = join(this.#root, dir);
+      if (!present.has(dir)) {
+        await this.#io(`creating ${dir}/`, mkdir(dirPath, { recursive: true }));
+        return;
+      }
+      const entries = await this.#io(`listing ${dir}/`, readdir(dirPath, { withFileTypes: true }));
+      for (const e of entries) {
+        const m = BLOB_NAME.exec(e.name);
+        const size = m ? Number(m[2]) : NaN;
+        const valid =
+          m !== null &&
+          e.name.startsWith(dir) &&
+          Number.isSafeInteger(size) &&
+          !(this.#opts.contentAddressed && size === 0 && m[1] !== EMPTY_SHA256);
+        if (!e.isFile()) {
+          this.#log?.warn({ path: dirPath, entry: e.name }, 'disk store: ignoring non-file entry');
+        } else if (!valid) {
+          junk.push(join(dirPath, e.name));
+        } else {
+          candidates.push({ dir, name: e.name, size });
+        }
+      }
+    });
+
+    // One stat per file, for the mtime (recency). The size is checked against
+    // the name in a CAS; in the AC the file size is the value's length.
+    // Synchronous stats in batches, yielding between them: 2-3x faster than
+    // promise stats through libuv's 4 threads (100k files: ~0.3 s vs ~0.8 s),
+    // while blocking the event loop only a few milliseconds at a time.
+    const found: { key: string; size: number; mtimeMs: number }[] = [];
+    for (let i = 0; i < candidates.length; i += STAT_BATCH) {
+      if (i > 0) await new Promise((resolve) => setImmediate(resolve));
+      for (const c of candidates.slice(i, i + STAT_BATCH)) {
+        const p = join(this.#root, c.dir, c.name);
+        let st;
+        try {
+          st = statSync(p, { throwIfNoEntry: false });
+        } catch (err) {
+          throw this.#ioError(`stat of ${c.dir}/${c.name}`, err);
+        }
+        if (st === undefined) continue;
+        if (this.#opts.contentAddressed && st.size !== c.size) junk.push(p);
+        else found.push({ key: c.name, size: st.size, mtimeMs: st.mtimeMs });
+      }
+    }
+
+    for (const p of junk) {
+      this.#log?.warn({ path: p }, 'disk store: removing invalid blob file');
+      await unlink(p).catch(noop);
+    }
+    this.#junkRemoved = junk.length;
+
+    found.sort((a, b) => a.mtimeMs - b.mtimeMs);
+    for (const f of found) {
+      this.#index.set(f.key, { size: f.size, mtimeMs: f.mtimeMs });
+      this.#bytes += f.size;
+    }
+    // The cap may have shrunk since the last run.
+    this.#evict(undefined);
+    await Promise.allSettled([...this.#keyOps.values()]);
+
+    this.#openMs = performance.now() - t0;
+    this.#log?.info(
+      {
+        path: this.#root,
+        blobs: this.#index.size,
+        bytes: this.#bytes,
+        ms: Math.round(this.#openMs),
+        tempFilesRemoved: this.#tempFilesRemoved,
+        junkRemoved: this.#junkRemoved,
+        evicted: this.#evictions,
+      },
+      'disk store opened',
+    );
+  }
+
+  // ---- helpers ----
+
+  #blobPath(key: string): string {
+    return join(this.#root, key.slice(0, 2), key);
+  }
+
+  #checkOpen(): void {
+    if (this.#closePromise !== undefined) {
+      throw new ConnectError(`disk store ${this.#root} is closed`, Code.Unavailable);
+    }
+  }
+
+  async #io<T>(what: string, p: Promise<T>): Promise<T> {
+    try {
+      return await p;
+    } catch (err) {
+      throw this.#ioError(what, err);
+    }
+  }
+
+  /** ENOSPC/EDQUOT become RESOURCE_EXHAUSTED; every other I/O failure INTERNAL. */
+  #ioError(what: string, err: unknown): ConnectError {
+    if (err instanceof ConnectError) return err;
+    const code = errno(err);
+    const detail = err instanceof Error ? err.message : String(err);
+    if (code === 'ENOSPC' || code === 'EDQUOT') {
+      return new ConnectError(
+        `disk store ${this.#root}: ${what}: out of disk space (${code})`,
+        Code.ResourceExhausted,
+        undefined,
+        undefined,
+        err,
+      );
+    }
+    return new ConnectError(`disk store ${this.#root}: ${what}: ${detail}`, Code.Internal, undefined, undefined, err);
+  }
+}
+
+function noop(): void {}
+
+function errno(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+async function* empty(): AsyncIterable<Uint8Array> {}
+
+async function writeFully(fh: FileHandle, chunk: Uint8Array): Promise<void> {
+  let off = 0;
+  while (off < chunk.byteLength) {
+    const { bytesWritten } = await fh.write(chunk, off, chunk.byteLength - off, null);
+    off += bytesWritten;
+  }
+}
+
+/** Settles like `p`, or rejects with the signal's reason as soon as it fires. */
+function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) {
+    p.catch(noop);
+    return Promise.reject(signal.reason);
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(v);
+      },
+      (e: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(e);
+      },
+    );
+  });
+}
+
+async function forEachLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) await fn(items[next++]!);
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+}

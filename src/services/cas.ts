@@ -1,0 +1,396 @@
+import { create, fromBinary } from '@bufbuild/protobuf';
+import type { MessageInitShape } from '@bufbuild/protobuf';
+import type { ServiceImpl } from '@connectrpc/connect';
+import { Code, ConnectError } from '@connectrpc/connect';
+import type {
+  BatchReadBlobsResponse_ResponseSchema,
+  BatchUpdateBlobsResponse_ResponseSchema,
+  Directory,
+  DigestFunction_Value,
+} from '../../gen/build/bazel/remote/execution/v2/remote_execution_pb.ts';
+import {
+  Compressor_Value,
+  Compressor_ValueSchema,
+  ContentAddressableStorage,
+  DigestFunction_Value as DigestFunctionValue,
+  DigestFunction_ValueSchema,
+  DirectorySchema,
+} from '../../gen/build/bazel/remote/execution/v2/remote_execution_pb.ts';
+import { StatusSchema } from '../../gen/google/rpc/status_pb.ts';
+import type { Digest } from '../digest.ts';
+import { digestKey, digestString, fromProtoDigest, isEmptyDigest, sha256Hex, toProtoDigest } from '../digest.ts';
+import { isCode, isInfrastructureError, toConnectError } from '../errors.ts';
+import type { BlobStore } from '../stores/blob-store.ts';
+import { once } from '../streams.ts';
+import type { ServiceDeps } from './deps.ts';
+import { validateInstanceName } from './instance-name.ts';
+
+/** Blobs of one BatchUpdateBlobs / BatchReadBlobs call that are written or read at once. */
+const BATCH_PARALLELISM = 8;
+/** Directories GetTree fetches at once; the BFS order stays deterministic. */
+const TREE_FETCH_PARALLELISM = 16;
+/** GetTree page size when the client sends page_size 0, and the most we honour. */
+export const GET_TREE_DEFAULT_PAGE_SIZE = 1000;
+export const GET_TREE_MAX_PAGE_SIZE = 10_000;
+/**
+ * Serialized Directory bytes per GetTree response. Clients usually cap
+ * received messages at 4 MiB; 3 MiB leaves room for framing.
+ */
+export const GET_TREE_MAX_PAGE_BYTES = 3 * 1024 * 1024;
+
+/**
+ * The ContentAddressableStorage service over the CAS store tree: validates
+ * requests, calls the tree, and reports per-blob outcomes of batch calls as
+ * google.rpc.Status entries.
+ *
+ * Decisions worth knowing:
+ * - Only SHA-256 is served; digest_function UNKNOWN (unset) means SHA-256.
+ * - A malformed digest anywhere in a request fails the whole call with
+ *   INVALID_ARGUMENT naming its index; data that does not match its (well
+ *   formed) digest fails only that blob in BatchUpdateBlobs.
+ * - Batch uploads are verified here (size and SHA-256) before the store sees
+ *   them, so the per-blob error does not depend on which backend is behind
+ *   the tree; the stores verify again.
+ * - BatchReadBlobs always answers IDENTITY: the spec allows it whatever the
+ *   client lists in acceptable_compressors. Compressed batch uploads are
+ *   refused per blob (capabilities do not advertise them).
+ * - GetTree streams every page from page_token on. The token is the position
+ *   in a deterministic, deduplicated BFS; resuming re-walks the tree up to that
+ *   position, which costs reads only on resumption. A blob that is not a
+ *   Directory is INVALID_ARGUMENT (the CAS verified its content, so the tree
+ *   the client uploaded is wrong, not our storage); a missing directory is
+ *   NOT_FOUND naming its digest and path.
+ * - SplitBlob / SpliceBlob are UNIMPLEMENTED (capabilities say so).
+ */
+export function createCasService(deps: ServiceDeps): ServiceImpl<typeof ContentAddressableStorage> {
+  const { cas } = deps;
+
+  return {
+    async findMissingBlobs(req, ctx) {
+      validateInstanceName(req.instanceName);
+      checkDigestFunction(req.digestFunction);
+      const unique = new Map<string, Digest>();
+      req.blobDigests.forEach((pd, i) => {
+        const d = fromProtoDigest(pd, `blob_digests[${i}]`);
+        // The empty blob is always present, whatever the tree says.
+        if (!isEmptyDigest(d)) unique.set(digestKey(d), d);
+      });
+      if (unique.size === 0) return { missingBlobDigests: [] };
+      let missing: Digest[];
+      try {
+        missing = await cas.findMissing([...unique.values()], { signal: ctx.signal });
+      } catch (err) {
+        throw toConnectError(err);
+      }
+      // Answer in request order, whatever order the tree used.
+      const missingKeys = new Set(missing.map(digestKey));
+      return {
+        missingBlobDigests: [...unique.values()].filter((d) => missingKeys.has(digestKey(d))).map(toProtoDigest),
+      };
+    },
+
+    async batchUpdateBlobs(req, ctx) {
+      validateInstanceName(req.instanceName);
+      checkDigestFunction(req.digestFunction);
+      const digests = req.requests.map((r, i) => fromProtoDigest(r.digest, `requests[${i}].digest`));
+      const total = req.requests.reduce((sum, r) => sum + r.data.byteLength, 0);
+      if (total > deps.maxBatchTotalSizeBytes) {
+        throw new ConnectError(
+          `BatchUpdateBlobs: ${req.requests.length} blobs total ${total} bytes, more than max_batch_total_size_bytes ` +
+            `${deps.maxBatchTotalSizeBytes}; upload large blobs with ByteStream Write`,
+          Code.InvalidArgument,
+        );
+      }
+      const responses = await mapLimit(req.requests, BATCH_PARALLELISM, async (r, i) => {
+        const d = digests[i]!;
+        const digest = toProtoDigest(d);
+        try {
+          if (r.compressor !== Compressor_Value.IDENTITY) {
+            throw new ConnectError(
+              `requests[${i}]: compressor ${compressorName(r.compressor)} is not supported by BatchUpdateBlobs, send IDENTITY`,
+              Code.InvalidArgument,
+            );
+          }
+          if (r.data.byteLength !== d.size) {
+            throw new ConnectError(
+              `requests[${i}]: blob ${digestString(d)} has ${r.data.byteLength} bytes of data, digest says ${d.size}`,
+              Code.InvalidArgument,
+            );
+          }
+          const got = sha256Hex(r.data);
+          if (got !== d.hash) {
+            throw new ConnectError(
+              `requests[${i}]: blob ${digestString(d)} content hashes to ${got}, not to the digest's hash`,
+              Code.InvalidArgument,
+            );
+          }
+          if (!isEmptyDigest(d)) await cas.put(d, once(r.data), { signal: ctx.signal });
+          return okResponse(digest);
+        } catch (err) {
+          const ce = toConnectError(err);
+          if (isInfrastructureError(ce)) {
+            deps.logger.warn({ err: ce, digest: digestString(d) }, 'BatchUpdateBlobs: write failed');
+          }
+          return errorResponse(digest, ce);
+        }
+      });
+      return { responses };
+    },
+
+    async batchReadBlobs(req, ctx) {
+      validateInstanceName(req.instanceName);
+      checkDigestFunction(req.digestFunction);
+      // acceptable_compressors is ignored on purpose: IDENTITY is always
+      // acceptable, and it is the only encoding we return.
+      const digests = req.digests.map((pd, i) => fromProtoDigest(pd, `digests[${i}]`));
+      const total = digests.reduce((sum, d) => sum + d.size, 0);
+      if (total > deps.maxBatchTotalSizeBytes) {
+        throw new ConnectError(
+          `BatchReadBlobs: ${digests.length} blobs total ${total} bytes, more than max_batch_total_size_bytes ` +
+            `${deps.maxBatchTotalSizeBytes}; read large blobs with ByteStream Read`,
+          Code.InvalidArgument,
+        );
+      }
+      // A digest asked for twice is read once.
+      const reads = new Map<string, Promise<Uint8Array>>();
+      const responses = await mapLimit(digests, BATCH_PARALLELISM, async (d) => {
+        const key = digestKey(d);
+        let read = reads.get(key);
+        if (read === undefined) {
+          read = readSmallBlob(cas, d, ctx.signal);
+          reads.set(key, read);
+        }
+        const digest = toProtoDigest(d);
+        try {
+          const data = await read;
+          return {
+            digest,
+            data,
+            compressor: Compressor_Value.IDENTITY,
+            status: create(StatusSchema, { code: 0, message: '' }),
+          } satisfies MessageInitShape<typeof BatchReadBlobsResponse_ResponseSchema>;
+        } catch (err) {
+          const ce = toConnectError(err);
+          if (isInfrastructureError(ce)) {
+            deps.logger.warn({ err: ce, digest: digestString(d) }, 'BatchReadBlobs: read failed');
+          }
+          return {
+            digest,
+            status: create(StatusSchema, { code: ce.code, message: ce.rawMessage }),
+          } satisfies MessageInitShape<typeof BatchReadBlobsResponse_ResponseSchema>;
+        }
+      });
+      return { responses };
+    },
+
+    async *getTree(req, ctx) {
+      validateInstanceName(req.instanceName);
+      checkDigestFunction(req.digestFunction);
+      const root = fromProtoDigest(req.rootDigest, 'root_digest');
+      if (req.pageSize < 0) {
+        throw new ConnectError(`page_size ${req.pageSize} is negative`, Code.InvalidArgument);
+      }
+      const pageSize = req.pageSize === 0 ? GET_TREE_DEFAULT_PAGE_SIZE : Math.min(req.pageSize, GET_TREE_MAX_PAGE_SIZE);
+      const skip = req.pageToken === '' ? 0 : decodePageToken(req.pageToken, root);
+
+      let position = 0; // BFS position of the directory at hand
+      let page: Directory[] = [];
+      let pageBytes = 0;
+      for await (const { directory, size } of walkDirectories(cas, root, ctx.signal)) {
+        const at = position++;
+        if (at < skip) continue;
+        if (page.length > 0 && (page.length >= pageSize || pageBytes + size > GET_TREE_MAX_PAGE_BYTES)) {
+          // Emitted only once the next directory is known to exist, so the
+          // last page is the one with an empty token.
+          yield { directories: page, nextPageToken: encodePageToken(root, at) };
+          page = [];
+          pageBytes = 0;
+        }
+        page.push(directory);
+        pageBytes += size;
+      }
+      if (skip > 0 && position <= skip) {
+        throw new ConnectError(`page_token points past the end of tree ${digestString(root)}`, Code.InvalidArgument);
+      }
+      yield { directories: page, nextPageToken: '' };
+    },
+
+    async splitBlob() {
+      throw new ConnectError('SplitBlob is not implemented', Code.Unimplemented);
+    },
+
+    async spliceBlob() {
+      throw new ConnectError('SpliceBlob is not implemented', Code.Unimplemented);
+    },
+  };
+}
+
+/**
+ * Rejects digest functions other than SHA-256. UNKNOWN (the proto default)
+ * means "the server's default", which is SHA-256.
+ */
+export function checkDigestFunction(fn: DigestFunction_Value): void {
+  if (fn === DigestFunctionValue.UNKNOWN || fn === DigestFunctionValue.SHA256) return;
+  const name = DigestFunction_ValueSchema.value[fn]?.name ?? String(fn);
+  throw new ConnectError(`digest_function ${name} is not supported, this server only uses SHA256`, Code.InvalidArgument);
+}
+
+function compressorName(c: Compressor_Value): string {
+  return Compressor_ValueSchema.value[c]?.name ?? String(c);
+}
+
+function okResponse(digest: { hash: string; sizeBytes: bigint }): MessageInitShape<typeof BatchUpdateBlobsResponse_ResponseSchema> {
+  return { digest, status: create(StatusSchema, { code: 0, message: '' }) };
+}
+
+function errorResponse(
+  digest: { hash: string; sizeBytes: bigint },
+  err: ConnectError,
+): MessageInitShape<typeof BatchUpdateBlobsResponse_ResponseSchema> {
+  return { digest, status: create(StatusSchema, { code: err.code, message: err.rawMessage }) };
+}
+
+/**
+ * Reads a whole blob that is known to be small (batch or Directory sized).
+ * A store that returns a different length than the digest says has lost
+ * data; that is DATA_LOSS, never a silent short read.
+ */
+async function readSmallBlob(store: BlobStore, d: Digest, signal: AbortSignal): Promise<Uint8Array> {
+  if (isEmptyDigest(d)) return new Uint8Array(0);
+  const chunks = await store.get(d, { signal });
+  const parts: Uint8Array[] = [];
+  let n = 0;
+  for await (const c of chunks) {
+    n += c.byteLength;
+    if (n > d.size) break;
+    parts.push(c);
+  }
+  if (n !== d.size) {
+    const got = n > d.size ? `more than ${d.size}` : String(n);
+    throw new ConnectError(`blob ${digestString(d)}: store returned ${got} bytes, digest says ${d.size}`, Code.DataLoss);
+  }
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts, n);
+}
+
+interface WalkedDirectory {
+  readonly digest: Digest;
+  readonly directory: Directory;
+  /** Serialized size, for page budgeting. */
+  readonly size: number;
+}
+
+/**
+ * Yields every directory reachable from `root` once, in breadth-first order
+ * with children in the order the parent lists them. The order depends only
+ * on the tree, which is what makes a position usable as a page token.
+ */
+async function* walkDirectories(cas: BlobStore, root: Digest, signal: AbortSignal): AsyncGenerator<WalkedDirectory> {
+  const queue: Array<{ digest: Digest; path: string }> = [{ digest: root, path: '' }];
+  const seen = new Set<string>([digestKey(root)]);
+  let head = 0;
+  while (head < queue.length) {
+    const batch = queue.slice(head, head + TREE_FETCH_PARALLELISM);
+    head += batch.length;
+    if (head > 4096) {
+      // Drop what was already walked so a huge tree does not keep it all.
+      queue.splice(0, head);
+      head = 0;
+    }
+    const directories = await Promise.all(batch.map((e) => fetchDirectory(cas, e.digest, e.path, root, signal)));
+    for (let i = 0; i < batch.length; i++) {
+      const { digest, path } = batch[i]!;
+      const directory = directories[i]!;
+      directory.directories.forEach((node, j) => {
+        const childPath = path === '' ? node.name : `${path}/${node.name}`;
+        const child = fromProtoDigest(
+          node.digest,
+          `directory ${describePath(path)} (${digestString(digest)}) directories[${j}] "${node.name}"`,
+        );
+        const key = digestKey(child);
+        if (seen.has(key)) return;
+        seen.add(key);
+        queue.push({ digest: child, path: childPath });
+      });
+      yield { digest, directory, size: digest.size };
+    }
+  }
+}
+
+async function fetchDirectory(cas: BlobStore, d: Digest, path: string, root: Digest, signal: AbortSignal): Promise<Directory> {
+  const what = path === '' ? `root directory ${digestString(d)}` : `directory ${digestString(d)} at "${path}" under ${digestString(root)}`;
+  let bytes: Uint8Array;
+  try {
+    bytes = await readSmallBlob(cas, d, signal);
+  } catch (err) {
+    if (isCode(err, Code.NotFound)) throw new ConnectError(`${what} not found`, Code.NotFound);
+    throw toConnectError(err);
+  }
+  try {
+    return fromBinary(DirectorySchema, bytes);
+  } catch (err) {
+    throw new ConnectError(
+      `${what} is not a valid Directory message: ${err instanceof Error ? err.message : String(err)}`,
+      Code.InvalidArgument,
+    );
+  }
+}
+
+function describePath(path: string): string {
+  return path === '' ? '(root)' : `"${path}"`;
+}
+
+interface PageToken {
+  readonly v: 1;
+  /** The root the token was issued for, so a token is not reused for another tree. */
+  readonly root: string;
+  /** BFS position of the first directory of the next page. */
+  readonly position: number;
+}
+
+function encodePageToken(root: Digest, position: number): string {
+  const token: PageToken = { v: 1, root: digestString(root), position };
+  return Buffer.from(JSON.stringify(token)).toString('base64url');
+}
+
+function decodePageToken(token: string, root: Digest): number {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(Buffer.from(token, 'base64url').toString('utf8'));
+  } catch {
+    parsed = undefined;
+  }
+  const t = parsed as Partial<PageToken> | undefined;
+  if (
+    typeof t !== 'object' ||
+    t === null ||
+    t.v !== 1 ||
+    typeof t.root !== 'string' ||
+    typeof t.position !== 'number' ||
+    !Number.isSafeInteger(t.position) ||
+    t.position < 0
+  ) {
+    throw new ConnectError('page_token is not a token returned by GetTree', Code.InvalidArgument);
+  }
+  if (t.root !== digestString(root)) {
+    throw new ConnectError(`page_token was issued for root_digest ${t.root}, not ${digestString(root)}`, Code.InvalidArgument);
+  }
+  return t.position;
+}
+
+/**
+ * Runs `fn` over `items` with at most `limit` calls in flight and returns the
+ * results in item order. `fn` must not reject (batch calls turn failures into
+ * per-item statuses).
+ */
+async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<R>): Promise<R[]> {
+  const results = new Array<R>(items.length);
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) {
+      const i = next++;
+      results[i] = await fn(items[i]!, i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return results;
+}

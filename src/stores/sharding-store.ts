@@ -1,0 +1,960 @@
+import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { open, rename, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Code, ConnectError } from '@connectrpc/connect';
+import type { Logger } from 'pino';
+import type { Digest } from '../digest.ts';
+import { digestKey, digestOf, digestString, parseDigest } from '../digest.ts';
+import { isCode, isInfrastructureError, notFound, throwIfAborted, toConnectError, withPrefix } from '../errors.ts';
+import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
+import { CircuitBreaker, type BreakerTransition, type CircuitBreakerOptions } from './circuit-breaker.ts';
+import { rank, validateShards } from './rendezvous.ts';
+
+export interface ShardOptions {
+  /** Unique, stable name: it is the rendezvous hashing key, so renaming moves data. */
+  readonly name: string;
+  /** Positive integer; a shard's share of keys is weight / sum(weights). */
+  readonly weight: number;
+  readonly store: BlobStore;
+  /**
+   * Active health check: resolves when the shard is healthy, rejects
+   * otherwise, and should give up when `signal` aborts. The remote store
+   * provides one (grpc.health.v1). Default: FindMissing of one probe digest,
+   * a cheap real round trip.
+   */
+  readonly check?: ((signal: AbortSignal) => Promise<void>) | undefined;
+}
+
+export interface HandoffOptions {
+  /** Directory of the durable hint log (hints.jsonl); created if missing. */
+  readonly dir: string;
+  /** Most hints held at once; stand-in writes beyond it are refused. Default 100000. */
+  readonly maxHints?: number | undefined;
+  /** Hinted blobs copied at once. Default 4. */
+  readonly concurrency?: number | undefined;
+  /** How often pending hints are retried. Default 1 s (and at once when a shard closes). */
+  readonly intervalMs?: number | undefined;
+}
+
+export interface ShardingStoreOptions {
+  readonly shards: readonly ShardOptions[];
+  readonly handoff: HandoffOptions;
+  /** Default 1000. */
+  readonly healthCheckIntervalMs?: number | undefined;
+  /** A check slower than this fails (catches blackholed shards). Default 500. */
+  readonly healthCheckTimeoutMs?: number | undefined;
+  readonly breaker?: CircuitBreakerOptions | undefined;
+  /** Further ranked shards asked when the owner says NOT_FOUND. Default 2. */
+  readonly probeDepth?: number | undefined;
+  /** Probing by rank stays on this long after any breaker changed state (and after start). Default 10 min. */
+  readonly probeWindowMs?: number | undefined;
+  /** Upload prefix kept in memory so a failed write can be replayed elsewhere. Default 1 MiB. */
+  readonly maxReplayBytes?: number | undefined;
+  readonly logger?: Logger | undefined;
+  /** Clock for breakers and the probe window; injectable for tests. Default Date.now. */
+  readonly now?: (() => number) | undefined;
+}
+
+interface Shard {
+  readonly name: string;
+  readonly weight: number;
+  readonly store: BlobStore;
+  readonly check: (signal: AbortSignal) => Promise<void>;
+  readonly breaker: CircuitBreaker;
+  inFlight: number;
+  bytesIn: number;
+  bytesOut: number;
+  lastHealthCheckMs: number | null;
+  lastHealthCheckOk: boolean | null;
+  lastHealthCheckError: string | null;
+  checking: Promise<void> | null;
+}
+
+interface Hint {
+  readonly digest: Digest;
+  /** The shard the blob belongs to (top of the ranking, whatever its state). */
+  owner: string;
+  /** The shard that holds it until the handoff copies it to the owner. */
+  readonly standIn: string;
+}
+
+/** One digest's progress through findMissing. */
+interface MissingEntry {
+  readonly digest: Digest;
+  /** Shards to ask, in order (see readPlan). */
+  readonly plan: Shard[];
+  /** Index in plan of the next shard to ask. */
+  next: number;
+  found: boolean;
+  /** Some shard gave a definitive answer for it. */
+  answered: boolean;
+  error: ConnectError | undefined;
+}
+
+// A digest no one stores: asking for it is a cheap real round trip.
+const PROBE_DIGEST = digestOf(new TextEncoder().encode('reapi-edge shard health probe'));
+
+/**
+ * Weighted rendezvous sharding over named shards, each behind a circuit
+ * breaker fed by request outcomes and active health checks. Use it on an
+ * edge in front of `remote` shards, for the CAS and the AC tree alike (the
+ * key is the digest's hash).
+ *
+ * Routing: the owner of a digest is the highest-ranked shard whose breaker is
+ * closed. Open, drained and half-open shards get no client traffic: a
+ * half-open shard is probed only by its health checks, which close it after
+ * enough successes, so a shard never takes client load before it is proven.
+ * A request that fails with an infrastructure error on a closed shard is
+ * retried once on the next-ranked available shard, so clients see no error
+ * while the breaker is still learning.
+ *
+ * Writes: the upload is pulled through a replay buffer (`maxReplayBytes`); a
+ * write that fails with an infrastructure error is retried once elsewhere if
+ * everything pulled so far is still buffered, otherwise the error goes up and
+ * the client retries the whole upload (content-addressed writes are
+ * idempotent). A write that lands anywhere but the top-ranked shard records a
+ * durable hint (fsync'd before put() resolves) and the handoff loop copies the
+ * blob to its owner once that owner is closed again, then forgets the hint.
+ * When `maxHints` are pending, writes that would need a hint are refused with
+ * UNAVAILABLE and counted (`hintOverflows`): accepting them unhinted could
+ * let FindMissing vouch for a blob that a later read, once probing stops,
+ * would not find; a refused upload is only a retried upload.
+ *
+ * Reads and FindMissing: ask the owner; on NOT_FOUND ask the stand-ins a
+ * pending hint names for that digest, and, only while probing can matter
+ * (within `probeWindowMs` of start or of any breaker transition, when this
+ * edge's or another edge's stand-ins may still hold blobs), up to `probeDepth`
+ * further available shards by rank. get() and findMissing() ask the same
+ * shards in the same way, so a blob reported present is one a read returns.
+ * A miss we cannot vouch for is not reported as one: if a shard that might
+ * hold the blob failed, get() rejects with that infrastructure error, while
+ * findMissing() (for which "missing" is always safe) reports it missing.
+ * The catch: a drained shard's blobs are unreachable until it is undrained.
+ *
+ * Config: `{"sharding": {"shards": [{"name": "a", "weight": 1, "store": {...}}],
+ *   "handoff": {"dir": "/var/lib/reapi-edge/hints-cas"}}}`
+ */
+export class ShardingStore implements BlobStore {
+  readonly #shards: Shard[];
+  readonly #byName = new Map<string, Shard>();
+  readonly #hints: HintLog;
+  readonly #log: Logger | undefined;
+  readonly #now: () => number;
+  readonly #probeDepth: number;
+  readonly #probeWindowMs: number;
+  readonly #maxReplayBytes: number;
+  readonly #healthTimeoutMs: number;
+  readonly #handoffConcurrency: number;
+  readonly #closer = new AbortController();
+  readonly #timers: NodeJS.Timeout[] = [];
+  // Errors that came out of a stream we fed to a shard (the client's upload,
+  // a stand-in's read): they say nothing about the shard that relayed them.
+  readonly #foreignErrors = new WeakSet<object>();
+  #lastTransitionAt: number;
+  #handoffRun: Promise<void> | null = null;
+  #handoffAgain = false;
+  #closing: Promise<void> | null = null;
+  #hintOverflows = 0;
+  #handoffCopied = 0;
+  #handoffLost = 0;
+  #probeHits = 0;
+  #retries = 0;
+
+  constructor(opts: ShardingStoreOptions) {
+    validateShards(opts.shards);
+    this.#log = opts.logger;
+    this.#now = opts.now ?? Date.now;
+    this.#probeDepth = Math.max(0, Math.floor(opts.probeDepth ?? 2));
+    this.#probeWindowMs = Math.max(0, opts.probeWindowMs ?? 600_000);
+    this.#maxReplayBytes = Math.max(0, opts.maxReplayBytes ?? 1024 * 1024);
+    this.#healthTimeoutMs = Math.max(1, opts.healthCheckTimeoutMs ?? 500);
+    this.#handoffConcurrency = Math.max(1, Math.floor(opts.handoff.concurrency ?? 4));
+    this.#lastTransitionAt = this.#now();
+    this.#shards = opts.shards.map((s) => {
+      const breaker = new CircuitBreaker({ ...opts.breaker, now: this.#now });
+      const shard: Shard = {
+        name: s.name,
+        weight: s.weight,
+        store: s.store,
+        check: s.check ?? (async (signal) => void (await s.store.findMissing([PROBE_DIGEST], { signal }))),
+        breaker,
+        inFlight: 0,
+        bytesIn: 0,
+        bytesOut: 0,
+        lastHealthCheckMs: null,
+        lastHealthCheckOk: null,
+        lastHealthCheckError: null,
+        checking: null,
+      };
+      breaker.on('transition', (t) => this.#onTransition(shard, t));
+      this.#byName.set(s.name, shard);
+      return shard;
+    });
+
+    // Hints are re-targeted to the current ranking: after a config change the
+    // blob belongs to whoever is top-ranked now; a hint whose stand-in is gone
+    // or is now the owner has nothing left to do.
+    this.#hints = new HintLog(opts.handoff.dir, Math.max(1, opts.handoff.maxHints ?? 100_000), (h) => {
+      if (!this.#byName.has(h.standIn)) return null;
+      const owner = this.#ranked(h.digest)[0]!.name;
+      return owner === h.standIn ? null : { ...h, owner };
+    });
+    if (this.#hints.dropped > 0) {
+      this.#log?.warn({ dropped: this.#hints.dropped }, 'hint log: dropped unreadable or obsolete hints');
+    }
+
+    const interval = Math.max(1, opts.healthCheckIntervalMs ?? 1000);
+    for (const shard of this.#shards) {
+      this.#timers.push(setInterval(() => this.#runCheck(shard), interval).unref());
+    }
+    const handoffInterval = Math.max(1, opts.handoff.intervalMs ?? 1000);
+    this.#timers.push(setInterval(() => this.#kickHandoff(), handoffInterval).unref());
+  }
+
+  async findMissing(digests: readonly Digest[], opts?: CallOptions): Promise<Digest[]> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    if (digests.length === 0) return [];
+    const avail = this.#available();
+    const probing = this.#probing();
+    // One entry per distinct digest, each with the same plan get() would follow.
+    const entries = new Map<string, MissingEntry>();
+    for (const d of digests) {
+      const key = digestKey(d);
+      if (entries.has(key)) continue;
+      entries.set(key, { digest: d, plan: this.#readPlan(d, avail, probing).plan, next: 0, found: false, answered: false, error: undefined });
+    }
+
+    const ctl = new AbortController();
+    const signal = opts?.signal === undefined ? ctl.signal : AbortSignal.any([opts.signal, ctl.signal]);
+    // Asks one shard about a group, then sends what is still unsettled on to
+    // each entry's next planned shard (retry or probe) at once: a slow shard
+    // delays only the digests it was asked about.
+    const ask = async (shard: Shard, group: MissingEntry[]): Promise<void> => {
+      try {
+        const missing = await this.#call(shard, signal, (s) => shard.store.findMissing(group.map((e) => e.digest), { signal: s }));
+        const missingKeys = new Set(missing.map(digestKey));
+        for (const e of group) {
+          e.answered = true;
+          if (!missingKeys.has(digestKey(e.digest))) {
+            e.found = true;
+            if (e.plan[0] !== shard) this.#probeHits++;
+          }
+        }
+      } catch (err) {
+        throwIfAborted(opts?.signal);
+        if (!isInfrastructureError(err)) throw withPrefix(`shard ${shard.name}`, err);
+        const prefixed = withPrefix(`shard ${shard.name}`, err);
+        for (const e of group) {
+          e.error ??= prefixed;
+          this.#addRetry(e, avail, shard);
+          // No shard can answer for it any more: fail rather than guess.
+          if (!e.answered && e.next >= e.plan.length) throw e.error;
+        }
+      }
+      await Promise.all([...groupByNext(group)].map(([next, g]) => ask(next, g)));
+    };
+    try {
+      await Promise.all([...groupByNext(entries.values())].map(([shard, group]) => ask(shard, group)));
+    } catch (err) {
+      ctl.abort(err); // the first failure cancels the sibling calls
+      throwIfAborted(opts?.signal);
+      throw toConnectError(err);
+    }
+    const missing: Digest[] = [];
+    for (const e of entries.values()) if (!e.found) missing.push(e.digest);
+    return missing;
+  }
+
+  async get(digest: Digest, opts?: GetOptions): Promise<AsyncIterable<Uint8Array>> {
+    this.#checkOpen();
+    const signal = opts?.signal;
+    throwIfAborted(signal);
+    const avail = this.#available();
+    const { plan, unreachable } = this.#readPlan(digest, avail, this.#probing());
+    let infraError: ConnectError | undefined;
+    let notFoundError: ConnectError | undefined;
+    for (let i = 0; i < plan.length; i++) {
+      const shard = plan[i]!;
+      try {
+        const stream = await this.#call(shard, signal, (s) =>
+          shard.store.get(digest, { offset: opts?.offset, limit: opts?.limit, signal: s }),
+        );
+        if (i > 0) this.#probeHits++;
+        return this.#readStream(shard, stream, signal);
+      } catch (err) {
+        throwIfAborted(signal);
+        if (isCode(err, Code.NotFound)) {
+          notFoundError ??= withPrefix(`shard ${shard.name}`, err);
+        } else if (isInfrastructureError(err)) {
+          infraError ??= withPrefix(`shard ${shard.name}`, err);
+          if (i === 0) this.#addRetry({ digest, plan, next: 1 }, avail, shard);
+        } else {
+          throw withPrefix(`shard ${shard.name}`, err);
+        }
+      }
+    }
+    if (infraError !== undefined) throw infraError;
+    if (unreachable.length > 0) {
+      throw new ConnectError(
+        `blob ${digestString(digest)} is held by shard ${unreachable.join(', ')}, which is not taking traffic`,
+        Code.Unavailable,
+      );
+    }
+    throw notFoundError ?? notFound(digest);
+  }
+
+  async put(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void> {
+    this.#checkOpen();
+    const signal = opts?.signal;
+    throwIfAborted(signal);
+    const avail = this.#available();
+    const ranked = this.#ranked(digest);
+    const owner = ranked[0]!; // the true owner, whatever its state
+    const candidates = ranked.filter((s) => avail.has(s));
+    const source = new ReplayableChunks(chunks, this.#maxReplayBytes, this.#foreignErrors);
+    try {
+      let target = candidates[0]!;
+      for (let attempt = 0; ; attempt++) {
+        const needsHint = target !== owner && !this.#hints.has(digest, target.name);
+        if (needsHint && !this.#hints.reserve()) {
+          this.#hintOverflows++;
+          throw new ConnectError(
+            `blob ${digestString(digest)} belongs to shard ${owner.name}, which cannot take it now, and the hint log ` +
+              `is full (${this.#hints.size} hints): refusing to write it to a stand-in`,
+            Code.Unavailable,
+          );
+        }
+        try {
+          await this.#call(target, signal, (s) => target.store.put(digest, this.#writeStream(target, source.stream()), { signal: s }));
+        } catch (err) {
+          if (needsHint) this.#hints.release();
+          throwIfAborted(signal);
+          const next = candidates[attempt + 1];
+          if (attempt === 0 && isInfrastructureError(err) && !this.#isForeign(err) && source.replayable && next !== undefined) {
+            this.#retries++;
+            this.#log?.debug({ shard: target.name, digest: digestString(digest), err: toConnectError(err).message }, 'write failed, retrying on next shard');
+            target = next;
+            continue;
+          }
+          // A failure of the client's own stream is not the shard's to explain.
+          throw this.#isForeign(err) ? toConnectError(err) : withPrefix(`shard ${target.name}`, err);
+        }
+        if (needsHint) {
+          try {
+            await this.#hints.add({ digest, owner: owner.name, standIn: target.name });
+          } catch (err) {
+            throw new ConnectError(
+              `blob ${digestString(digest)} stored on shard ${target.name}, but its hint could not be made durable: ${toConnectError(err).message}`,
+              Code.Unavailable,
+            );
+          }
+        }
+        return;
+      }
+    } finally {
+      source.dispose();
+    }
+  }
+
+  /** Holds a shard's breaker open until undrain(). Unknown name: NOT_FOUND. */
+  drain(name: string): void {
+    this.#shard(name).breaker.drain();
+  }
+
+  /** Ends a drain; the shard is half-open and closes after passing health checks. */
+  undrain(name: string): void {
+    const shard = this.#shard(name);
+    shard.breaker.undrain();
+    this.#runCheck(shard);
+  }
+
+  describe(): StoreDescription {
+    const byOwner = this.#hints.countBy('owner');
+    const byStandIn = this.#hints.countBy('standIn');
+    return {
+      kind: 'sharding',
+      shards: this.#shards.map((s) => {
+        const b = s.breaker.snapshot();
+        return {
+          name: s.name,
+          weight: s.weight,
+          state: b.state,
+          manual: b.manual,
+          since: b.since,
+          reason: b.reason,
+          consecutiveFailures: b.consecutiveFailures,
+          recentFailures: b.recentFailures,
+          recentRequests: b.recentRequests,
+          backoffMs: b.backoffMs,
+          halfOpenAt: b.halfOpenAt,
+          lastHealthCheckMs: s.lastHealthCheckMs,
+          lastHealthCheckOk: s.lastHealthCheckOk,
+          lastHealthCheckError: s.lastHealthCheckError,
+          inFlight: s.inFlight,
+          hintsPending: byOwner.get(s.name) ?? 0,
+          hintsHeld: byStandIn.get(s.name) ?? 0,
+          bytesIn: s.bytesIn,
+          bytesOut: s.bytesOut,
+        };
+      }),
+      hintsPending: this.#hints.size,
+      maxHints: this.#hints.max,
+      hintOverflows: this.#hintOverflows,
+      handoffCopied: this.#handoffCopied,
+      handoffLost: this.#handoffLost,
+      probing: this.#probing(),
+      probeHits: this.#probeHits,
+      retries: this.#retries,
+      children: this.#shards.map((s) => ({ ...s.store.describe(), name: s.name })),
+    };
+  }
+
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close(): Promise<void> {
+    for (const t of this.#timers) clearInterval(t);
+    this.#closer.abort(new ConnectError('sharding store is closing', Code.Unavailable));
+    await Promise.allSettled([this.#handoffRun, ...this.#shards.map((s) => s.checking)]);
+    await this.#hints.close();
+    await Promise.all(this.#shards.map((s) => s.store.close()));
+  }
+
+  #checkOpen(): void {
+    if (this.#closing !== null) throw new ConnectError('sharding store is closed', Code.Unavailable);
+  }
+
+  #shard(name: string): Shard {
+    const shard = this.#byName.get(name);
+    if (shard === undefined) throw new ConnectError(`shard ${name} not found`, Code.NotFound);
+    return shard;
+  }
+
+  #ranked(digest: Digest): Shard[] {
+    return rank(digest.hash, this.#shards).map((name) => this.#byName.get(name)!);
+  }
+
+  // The shards that take client traffic (closed breakers); rejects with
+  // UNAVAILABLE when none is left.
+  #available(): Set<Shard> {
+    const avail = new Set(this.#shards.filter((s) => s.breaker.allowsTraffic()));
+    if (avail.size === 0) throw this.#noShards();
+    return avail;
+  }
+
+  #noShards(): ConnectError {
+    const states = this.#shards.map((s) => `${s.name}: ${s.breaker.state}`).join(', ');
+    return new ConnectError(`no shard is taking traffic (${states})`, Code.Unavailable);
+  }
+
+  #probing(): boolean {
+    return this.#probeDepth > 0 && this.#now() - this.#lastTransitionAt < this.#probeWindowMs;
+  }
+
+  /**
+   * The shards a read of `digest` asks, in order: the owner, the stand-ins
+   * pending hints name, then (while probing) the next `probeDepth` available
+   * shards by rank. `unreachable` lists hinted stand-ins not taking traffic.
+   */
+  #readPlan(digest: Digest, avail: Set<Shard>, probing: boolean): { plan: Shard[]; unreachable: string[] } {
+    const ranked = this.#ranked(digest).filter((s) => avail.has(s));
+    const plan = [ranked[0]!];
+    const unreachable: string[] = [];
+    for (const name of this.#hints.standInsFor(digest)) {
+      const shard = this.#byName.get(name)!;
+      if (!avail.has(shard)) unreachable.push(name);
+      else if (!plan.includes(shard)) plan.push(shard);
+    }
+    if (probing) {
+      for (const shard of ranked.slice(1, 1 + this.#probeDepth)) {
+        if (!plan.includes(shard)) plan.push(shard);
+      }
+    }
+    return { plan, unreachable };
+  }
+
+  // The owner failed with an infrastructure error: make sure its runner-up
+  // among available shards is asked next (the retry-once).
+  #addRetry(e: { digest: Digest; plan: Shard[]; next: number }, avail: Set<Shard>, failed: Shard): void {
+    if (e.plan[0] !== failed) return;
+    const next = this.#ranked(e.digest).find((s) => s !== failed && avail.has(s));
+    if (next !== undefined && !e.plan.includes(next)) e.plan.splice(e.next, 0, next);
+  }
+
+  /** Runs one shard call, feeding its breaker and in-flight count. */
+  async #call<T>(shard: Shard, signal: AbortSignal | undefined, fn: (signal: AbortSignal | undefined) => Promise<T>): Promise<T> {
+    shard.inFlight++;
+    try {
+      const result = await fn(signal);
+      shard.breaker.recordSuccess();
+      return result;
+    } catch (err) {
+      // A call we cancelled, or an error from a stream we fed it, says
+      // nothing about the shard's health.
+      if (!signal?.aborted && !this.#isForeign(err)) shard.breaker.recordFailure(err);
+      throw err;
+    } finally {
+      shard.inFlight--;
+    }
+  }
+
+  #isForeign(err: unknown): boolean {
+    for (let e = err, depth = 0; typeof e === 'object' && e !== null && depth < 8; depth++) {
+      if (this.#foreignErrors.has(e)) return true;
+      e = (e as { cause?: unknown }).cause;
+    }
+    return false;
+  }
+
+  // Counts bytes read from a shard; failures mid-stream feed its breaker and
+  // are tagged so a shard we relay them to is not blamed.
+  async *#readStream(shard: Shard, stream: AsyncIterable<Uint8Array>, signal: AbortSignal | undefined): AsyncIterable<Uint8Array> {
+    shard.inFlight++;
+    try {
+      for await (const chunk of stream) {
+        shard.bytesOut += chunk.byteLength;
+        yield chunk;
+      }
+    } catch (err) {
+      if (!signal?.aborted) shard.breaker.recordFailure(err);
+      const prefixed = withPrefix(`shard ${shard.name}`, err);
+      this.#foreignErrors.add(prefixed);
+      throw prefixed;
+    } finally {
+      shard.inFlight--;
+    }
+  }
+
+  async *#writeStream(shard: Shard, chunks: AsyncIterable<Uint8Array>): AsyncIterable<Uint8Array> {
+    for await (const chunk of chunks) {
+      shard.bytesIn += chunk.byteLength;
+      yield chunk;
+    }
+  }
+
+  #onTransition(shard: Shard, t: BreakerTransition): void {
+    this.#lastTransitionAt = t.at;
+    const fields = { shard: shard.name, from: t.from, to: t.to, reason: t.reason, manual: t.manual, backoffMs: t.backoffMs };
+    if (t.to === 'closed') this.#log?.info(fields, `shard ${shard.name} is back`);
+    else this.#log?.warn(fields, `shard ${shard.name} is ${t.to}`);
+    if (t.to === 'closed') queueMicrotask(() => this.#kickHandoff());
+  }
+
+  #runCheck(shard: Shard): void {
+    if (shard.checking !== null || this.#closing !== null) return;
+    void shard.breaker.state; // lets an elapsed backoff turn open into half-open
+    const timeout = AbortSignal.timeout(this.#healthTimeoutMs);
+    const signal = AbortSignal.any([this.#closer.signal, timeout]);
+    const start = performance.now();
+    shard.checking = (async () => {
+      let error: string | null = null;
+      try {
+        // Race the signal too: a check that ignores it must still time out.
+        await Promise.race([shard.check(signal), aborted(signal)]);
+      } catch (err) {
+        error = timeout.aborted ? `health check timed out after ${this.#healthTimeoutMs} ms` : toConnectError(err).message;
+      }
+      if (this.#closer.signal.aborted) return;
+      shard.lastHealthCheckMs = Math.round(performance.now() - start);
+      shard.lastHealthCheckOk = error === null;
+      shard.lastHealthCheckError = error;
+      shard.breaker.recordHealthCheck(error === null, error ?? '');
+    })().finally(() => {
+      shard.checking = null;
+    });
+  }
+
+  #kickHandoff(): void {
+    if (this.#closing !== null) return;
+    if (this.#handoffRun !== null) {
+      this.#handoffAgain = true;
+      return;
+    }
+    this.#handoffRun = this.#handoffRound().finally(() => {
+      this.#handoffRun = null;
+      if (this.#handoffAgain) {
+        this.#handoffAgain = false;
+        this.#kickHandoff();
+      }
+    });
+  }
+
+  async #handoffRound(): Promise<void> {
+    const ready = this.#hints.pending().filter((h) => {
+      const owner = this.#byName.get(h.owner);
+      const standIn = this.#byName.get(h.standIn);
+      return owner !== undefined && standIn !== undefined && owner.breaker.allowsTraffic() && standIn.breaker.allowsTraffic();
+    });
+    let i = 0;
+    const worker = async () => {
+      while (i < ready.length && !this.#closer.signal.aborted) await this.#handOff(ready[i++]!);
+    };
+    await Promise.all(Array.from({ length: Math.min(this.#handoffConcurrency, ready.length) }, worker));
+  }
+
+  async #handOff(h: Hint): Promise<void> {
+    const owner = this.#byName.get(h.owner)!;
+    const standIn = this.#byName.get(h.standIn)!;
+    const signal = this.#closer.signal;
+    const what = { digest: digestString(h.digest), owner: owner.name, standIn: standIn.name };
+    try {
+      const missing = await this.#call(owner, signal, (s) => owner.store.findMissing([h.digest], { signal: s }));
+      if (missing.length > 0) {
+        const stream = await this.#call(standIn, signal, (s) => standIn.store.get(h.digest, { signal: s }));
+        await this.#call(owner, signal, (s) =>
+          owner.store.put(h.digest, this.#writeStream(owner, this.#readStream(standIn, stream, s)), { signal: s }),
+        );
+      }
+      this.#handoffCopied++;
+      this.#log?.debug(what, 'handoff: blob is on its owner');
+    } catch (err) {
+      if (signal.aborted) return;
+      if (isInfrastructureError(err)) {
+        this.#log?.debug({ ...what, err: toConnectError(err).message }, 'handoff: will retry');
+        return;
+      }
+      // NOT_FOUND (evicted from the stand-in) or a corrupt copy: retrying
+      // cannot help; the owner will get the blob from the next upload.
+      this.#handoffLost++;
+      this.#log?.warn({ ...what, err: toConnectError(err).message }, 'handoff: giving up on hinted blob');
+    }
+    try {
+      await this.#hints.complete(h);
+    } catch (err) {
+      this.#log?.error({ err: toConnectError(err).message }, 'hint log: could not record a completed handoff');
+    }
+  }
+}
+
+/** Groups unsettled entries by the next shard in their plan, advancing them. */
+function groupByNext(entries: Iterable<MissingEntry>): Map<Shard, MissingEntry[]> {
+  const groups = new Map<Shard, MissingEntry[]>();
+  for (const e of entries) {
+    if (e.found || e.next >= e.plan.length) continue;
+    const shard = e.plan[e.next++]!;
+    const group = groups.get(shard);
+    if (group === undefined) groups.set(shard, [e]);
+    else group.push(e);
+  }
+  return groups;
+}
+
+async function aborted(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => {
+    const fail = () => reject(signal.reason);
+    if (signal.aborted) fail();
+    else signal.addEventListener('abort', fail, { once: true });
+  });
+}
+
+/**
+ * Lets a single-use upload be sent again: chunks pulled from the source are
+ * kept (up to `limit` bytes) and replayed to the next consumer, which then
+ * continues pulling from the source. Once more than `limit` bytes were
+ * pulled, the upload can no longer be replayed.
+ */
+class ReplayableChunks {
+  readonly #it: AsyncIterator<Uint8Array>;
+  readonly #limit: number;
+  readonly #errors: WeakSet<object>;
+  readonly #kept: Uint8Array[] = [];
+  #keptBytes = 0;
+  #overflowed = false;
+  #done = false;
+  #epoch = 0;
+
+  constructor(source: AsyncIterable<Uint8Array>, limit: number, errors: WeakSet<object>) {
+    this.#it = source[Symbol.asyncIterator]();
+    this.#limit = limit;
+    this.#errors = errors;
+  }
+
+  get replayable(): boolean {
+    return !this.#overflowed;
+  }
+
+  stream(): AsyncIterable<Uint8Array> {
+    const epoch = ++this.#epoch;
+    const replay = this.#kept.slice();
+    return (async function* (self: ReplayableChunks) {
+      yield* replay;
+      for (;;) {
+        if (epoch !== self.#epoch) throw new ConnectError('upload was handed to another shard', Code.Aborted);
+        if (self.#done) return;
+        let r: IteratorResult<Uint8Array>;
+        try {
+          r = await self.#it.next();
+        } catch (err) {
+          if (typeof err === 'object' && err !== null) self.#errors.add(err);
+          throw err;
+        }
+        if (r.done === true) {
+          self.#done = true;
+          return;
+        }
+        if (!self.#overflowed) {
+          self.#keptBytes += r.value.byteLength;
+          if (self.#keptBytes > self.#limit) {
+            self.#overflowed = true;
+            self.#kept.length = 0;
+          } else {
+            self.#kept.push(r.value);
+          }
+        }
+        yield r.value;
+      }
+    })(this);
+  }
+
+  /** Releases the source if a shard stopped reading before its end. */
+  dispose(): void {
+    this.#kept.length = 0;
+    if (!this.#done) {
+      this.#done = true;
+      this.#it.return?.()?.catch(() => {});
+    }
+  }
+}
+
+const HINT_FILE = 'hints.jsonl';
+
+/**
+ * The durable hint log: an append-only JSON-lines file of {"op":"add"|"done",
+ * hash, size, owner, standIn}. Adds are fsync'd before they resolve; appends
+ * queued meanwhile share one write and one fsync (group commit). "done" lines
+ * are not fsync'd on their own: losing one only repeats an idempotent copy.
+ * Replaying the file gives the pending hints; the file is rewritten (to a
+ * temp file, fsync, rename) once completed entries outnumber pending ones,
+ * and when it is loaded.
+ */
+class HintLog {
+  readonly max: number;
+  readonly dropped: number;
+  readonly #dir: string;
+  readonly #path: string;
+  // digestKey -> standIn -> hint: reads look up their digest's stand-ins.
+  readonly #hints = new Map<string, Map<string, Hint>>();
+  #size = 0;
+  readonly #queue: { line: string; durable: boolean; resolve: () => void; reject: (err: unknown) => void }[] = [];
+  #reserved = 0;
+  #linesInFile: number;
+  #handle: Promise<FileHandle> | null = null;
+  #writer: Promise<void> | null = null;
+  #closed = false;
+
+  /** Loads the log synchronously (startup only); `fix` re-targets or drops loaded hints. */
+  constructor(dir: string, max: number, fix: (h: Hint) => Hint | null) {
+    this.max = max;
+    this.#dir = dir;
+    this.#path = join(dir, HINT_FILE);
+    mkdirSync(dir, { recursive: true });
+    let text = '';
+    try {
+      text = readFileSync(this.#path, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    }
+    let dropped = 0;
+    for (const line of text.split('\n')) {
+      if (line.trim() === '') continue;
+      const entry = parseLine(line);
+      if (entry === null) {
+        dropped++; // e.g. a line torn by a crash mid-append
+        continue;
+      }
+      if (entry.op === 'add') this.#set(entry.hint);
+      else this.#delete(entry.hint);
+    }
+    for (const h of this.pending()) {
+      const fixed = fix(h);
+      if (fixed === null) {
+        this.#delete(h);
+        dropped++;
+      } else {
+        h.owner = fixed.owner;
+      }
+    }
+    this.dropped = dropped;
+    // Start from a compact file.
+    const tmp = `${this.#path}.tmp`;
+    writeFileSync(tmp, this.#snapshot());
+    const fd = openSync(tmp, 'r+');
+    fsyncSync(fd);
+    closeSync(fd);
+    renameSync(tmp, this.#path);
+    syncDir(dir);
+    this.#linesInFile = this.#size;
+  }
+
+  get size(): number {
+    return this.#size;
+  }
+
+  has(digest: Digest, standIn: string): boolean {
+    return this.#hints.get(digestKey(digest))?.has(standIn) ?? false;
+  }
+
+  /** Claims room for one more hint; false when the log is full. */
+  reserve(): boolean {
+    if (this.#size + this.#reserved >= this.max) return false;
+    this.#reserved++;
+    return true;
+  }
+
+  release(): void {
+    this.#reserved--;
+  }
+
+  /** Records a hint (after reserve()); resolves once it is on disk. */
+  add(h: Hint): Promise<void> {
+    this.#reserved--;
+    this.#set(h);
+    return this.#append(lineOf('add', h), true).catch((err: unknown) => {
+      this.#delete(h);
+      throw err;
+    });
+  }
+
+  /** Forgets a hint whose blob reached its owner (or is beyond saving). */
+  complete(h: Hint): Promise<void> {
+    // A newer add for the same digest and stand-in replaced it: keep that one.
+    if (this.#hints.get(digestKey(h.digest))?.get(h.standIn) !== h) return Promise.resolve();
+    this.#delete(h);
+    return this.#append(lineOf('done', h), false);
+  }
+
+  standInsFor(digest: Digest): string[] {
+    const byStandIn = this.#hints.get(digestKey(digest));
+    return byStandIn === undefined ? [] : [...byStandIn.keys()];
+  }
+
+  pending(): Hint[] {
+    const out: Hint[] = [];
+    for (const byStandIn of this.#hints.values()) out.push(...byStandIn.values());
+    return out;
+  }
+
+  countBy(field: 'owner' | 'standIn'): Map<string, number> {
+    const counts = new Map<string, number>();
+    for (const byStandIn of this.#hints.values()) {
+      for (const h of byStandIn.values()) counts.set(h[field], (counts.get(h[field]) ?? 0) + 1);
+    }
+    return counts;
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    while (this.#writer !== null) await this.#writer;
+    if (this.#handle !== null) {
+      const handle = await this.#handle.catch(() => null);
+      this.#handle = null;
+      await handle?.close();
+    }
+  }
+
+  #set(h: Hint): void {
+    const key = digestKey(h.digest);
+    let byStandIn = this.#hints.get(key);
+    if (byStandIn === undefined) this.#hints.set(key, (byStandIn = new Map()));
+    if (!byStandIn.has(h.standIn)) this.#size++;
+    byStandIn.set(h.standIn, h);
+  }
+
+  #delete(h: Hint): void {
+    const key = digestKey(h.digest);
+    const byStandIn = this.#hints.get(key);
+    if (byStandIn?.delete(h.standIn) !== true) return;
+    this.#size--;
+    if (byStandIn.size === 0) this.#hints.delete(key);
+  }
+
+  #append(line: string, durable: boolean): Promise<void> {
+    if (this.#closed) return Promise.reject(new ConnectError('hint log is closed', Code.Unavailable));
+    return new Promise((resolve, reject) => {
+      this.#queue.push({ line, durable, resolve, reject });
+      this.#writer ??= this.#write().finally(() => {
+        this.#writer = null;
+      });
+    });
+  }
+
+  async #write(): Promise<void> {
+    while (this.#queue.length > 0) {
+      const batch = this.#queue.splice(0);
+      try {
+        this.#handle ??= open(this.#path, 'a');
+        const handle = await this.#handle;
+        await handle.appendFile(batch.map((b) => b.line).join(''));
+        if (batch.some((b) => b.durable)) await handle.datasync();
+        this.#linesInFile += batch.length;
+        for (const b of batch) b.resolve();
+      } catch (err) {
+        const broken = this.#handle;
+        this.#handle = null; // reopen on the next batch
+        broken?.then((h) => h.close()).catch(() => {});
+        for (const b of batch) b.reject(err);
+      }
+      const dead = this.#linesInFile - this.#size;
+      if (dead > 0 && (this.#size === 0 || dead >= Math.max(64, this.#size))) {
+        await this.#compact().catch(() => {}); // appending to the long file is still correct
+      }
+    }
+  }
+
+  // Runs inside the writer, so no append interleaves. The map may be ahead of
+  // the file (queued lines); replaying those lines after the snapshot is
+  // harmless, since add and done are idempotent per key.
+  async #compact(): Promise<void> {
+    const tmp = `${this.#path}.tmp`;
+    const out = await open(tmp, 'w');
+    try {
+      await out.writeFile(this.#snapshot());
+      await out.sync();
+    } finally {
+      await out.close();
+    }
+    await rename(tmp, this.#path);
+    syncDir(this.#dir);
+    const old = this.#handle;
+    this.#handle = open(this.#path, 'a');
+    await (await old?.catch(() => null))?.close();
+    this.#linesInFile = this.#size;
+  }
+
+  #snapshot(): string {
+    let text = '';
+    for (const h of this.pending()) text += lineOf('add', h);
+    return text;
+  }
+}
+
+function lineOf(op: 'add' | 'done', h: Hint): string {
+  return `${JSON.stringify({ op, hash: h.digest.hash, size: h.digest.size, owner: h.owner, standIn: h.standIn })}\n`;
+}
+
+function parseLine(line: string): { op: 'add' | 'done'; hint: Hint } | null {
+  try {
+    const v = JSON.parse(line) as Record<string, unknown>;
+    if ((v.op !== 'add' && v.op !== 'done') || typeof v.owner !== 'string' || typeof v.standIn !== 'string') return null;
+    const digest = parseDigest(String(v.hash), Number(v.size));
+    return { op: v.op, hint: { digest, owner: v.owner, standIn: v.standIn } };
+  } catch {
+    return null;
+  }
+}
+
+// Makes a rename durable: the directory entry must reach the disk too.
+function syncDir(dir: string): void {
+  let fd: number | undefined;
+  try {
+    fd = openSync(dir, 'r');
+    fsyncSync(fd);
+  } catch {
+    // Some platforms cannot fsync a directory; the rename is still atomic.
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
+}

@@ -1,0 +1,939 @@
+import { join } from 'node:path';
+import { Code, ConnectError } from '@connectrpc/connect';
+import type { Logger } from 'pino';
+import type { Digest } from '../digest.ts';
+import { digestKey, digestString } from '../digest.ts';
+import { DurableLog, DurableLogFullError } from '../durable-log.ts';
+import { isCode, isInfrastructureError, throwIfAborted, toConnectError, withPrefix } from '../errors.ts';
+import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
+import type { BreakerTransition, CircuitBreakerOptions } from './circuit-breaker.ts';
+import { CircuitBreaker } from './circuit-breaker.ts';
+
+/**
+ * What happens to a replication item when the queue is full. The write
+ * itself has already succeeded on the primary either way; only its copy to
+ * the secondary is given up (and counted as `overflow`).
+ * - drop-oldest: the oldest waiting item makes room. Recent blobs are the
+ *   ones a build is most likely to read next, so they get the backup.
+ * - reject-new: the new item is not queued; older ones keep their place.
+ */
+export type OverflowPolicy = 'drop-oldest' | 'reject-new';
+
+export interface ReplicationOptions {
+  /** Most items waiting (in flight not counted). Default 10,000. */
+  readonly maxQueue?: number | undefined;
+  /** Copies running at once. Default 4. */
+  readonly concurrency?: number | undefined;
+  /** Default 'drop-oldest'. */
+  readonly overflow?: OverflowPolicy | undefined;
+  /** Attempts per blob before it is counted failed. Default 8. */
+  readonly maxAttempts?: number | undefined;
+  /** First retry delay; doubles per attempt, with jitter. Default 500 ms. */
+  readonly retryInitialMs?: number | undefined;
+  /** Cap on the retry delay. Default 30 s. */
+  readonly retryMaxMs?: number | undefined;
+}
+
+export interface RepairOptions {
+  /** Most read repairs waiting; further ones are dropped (and counted). Default 1,000. */
+  readonly maxQueue?: number | undefined;
+  /** Default 2. */
+  readonly concurrency?: number | undefined;
+}
+
+export interface ReplayOptions {
+  /** Journal entries replayed to the primary at once. Default 4. */
+  readonly concurrency?: number | undefined;
+  /** Default 500 ms, doubling to retryMaxMs. Infrastructure errors retry forever. */
+  readonly retryInitialMs?: number | undefined;
+  /** Default 30 s. */
+  readonly retryMaxMs?: number | undefined;
+  /**
+   * Times the secondary may answer NOT_FOUND for a journaled blob (which the
+   * primary lacks too) before the entry is given up and counted `lost`.
+   * Default 3.
+   */
+  readonly maxNotFound?: number | undefined;
+}
+
+/** What the journal records per write accepted by the secondary while the primary was down. */
+export interface JournalRecord {
+  readonly hash: string;
+  readonly size: number;
+  /** When the secondary accepted it (ms since the epoch). */
+  readonly at: number;
+}
+
+export interface FallbackStoreOptions {
+  readonly primary: BlobStore;
+  readonly secondary: BlobStore;
+  /** The catch-up journal; owned (closed by close()). See FallbackStore.open(). */
+  readonly journal: DurableLog<JournalRecord>;
+  readonly replication?: ReplicationOptions | undefined;
+  readonly repair?: RepairOptions | undefined;
+  readonly replay?: ReplayOptions | undefined;
+  /** Options of the primary's breaker. */
+  readonly breaker?: CircuitBreakerOptions | undefined;
+  /**
+   * Active health check of the primary (e.g. the remote store's
+   * healthCheck()); resolves when healthy. Without one, a FindMissing of a
+   * digest nobody has serves as the probe: any answer proves the primary up.
+   */
+  readonly primaryHealthCheck?: ((signal: AbortSignal) => Promise<unknown>) | undefined;
+  /** Default 2 s. */
+  readonly healthCheckIntervalMs?: number | undefined;
+  /** Default 2 s. */
+  readonly healthCheckTimeoutMs?: number | undefined;
+  /**
+   * Bytes of an upload held in memory so that it can be replayed to the
+   * secondary if the primary fails after it began consuming it. Uploads
+   * larger than this are not failed over mid-stream. 0 disables. Default 1 MiB.
+   */
+  readonly failoverBufferBytes?: number | undefined;
+  /** Deadline of one background copy (replication, replay, repair). Default 5 min. */
+  readonly backgroundTimeoutMs?: number | undefined;
+  readonly logger?: Logger | undefined;
+}
+
+export interface FallbackStoreOpenOptions extends Omit<FallbackStoreOptions, 'journal'> {
+  /** Directory of the catch-up journal. Give the CAS and AC trees different ones. */
+  readonly journalDir: string;
+  /** Bound on the journal; further failover writes are refused. Default 1,000,000. */
+  readonly maxJournalEntries?: number | undefined;
+}
+
+export const JOURNAL_FILE = 'fallback-journal.jsonl';
+
+// No store holds this (its size does not match the hash of any content we
+// know), so a FindMissing for it is a cheap, answer-only probe.
+const PROBE_DIGEST: Digest = Object.freeze({ hash: '0'.repeat(64), size: 1 });
+
+/**
+ * A primary and a secondary backend (any store trees: sharding, remote,
+ * disk) that keep serving while the primary is down, as it is during every
+ * StatefulSet rollout, without losing an acknowledged blob.
+ *
+ * - Healthy primary: reads and writes go to it, and every write it accepted
+ *   is queued for replication to the secondary. The queue is bounded and
+ *   deduplicated by digest, runs `concurrency` copies at once, streams each
+ *   blob from the primary when its turn comes (it never holds blob bytes),
+ *   retries with backoff, and drops (counting `vanished`) a blob the primary
+ *   no longer has. Overflow follows `replication.overflow` and is counted.
+ * - Primary unavailable (its breaker open, or an infrastructure error on the
+ *   call itself): the request goes to the secondary within the same call
+ *   where that is safe. Reads: always, since get() rejects before the first
+ *   byte; a stream that fails later fails (we do not splice a stream from
+ *   two backends: for the AC they may hold different values). FindMissing:
+ *   always. Writes: see "Write failover" below.
+ * - Catch-up: a write the secondary accepted on the primary's behalf is
+ *   journaled durably (fsync'd, group-committed) before put() resolves, and
+ *   replayed to the primary (secondary -> primary) once it is healthy again,
+ *   also after an edge restart. An entry leaves the journal only once the
+ *   primary accepted the blob (or, counted as `lost`, when neither backend
+ *   has it any more, or the blob is rejected as invalid).
+ * - Read repair: NOT_FOUND on the primary falls back to the secondary, and a
+ *   blob found there is copied back to the primary in the background
+ *   (bounded, deduplicated). With the journal this refills a primary that
+ *   came back empty: the journal for what was written while it was down,
+ *   read repair for what it had lost from before.
+ * - Health: every primary outcome feeds a CircuitBreaker (only
+ *   infrastructure errors count against it). A periodic active check (the
+ *   given primaryHealthCheck, else a FindMissing probe) catches a primary
+ *   that is dead or blackholed before clients find out, and is the half-open
+ *   probe: client traffic returns only after `closeAfterProbes` successes.
+ *
+ * Write failover: a put fails over to the secondary only if nothing the
+ * primary consumed would be lost, i.e. the primary pulled no chunk, or every
+ * chunk it pulled is still held in a small per-upload buffer
+ * (`failoverBufferBytes`, 1 MiB: BatchUpdateBlobs entries and most ByteStream
+ * uploads). Otherwise the infrastructure error propagates and the client
+ * retries the upload (Bazel retries UNAVAILABLE), which lands on the
+ * secondary once the breaker has opened. We do not spool uploads to disk for
+ * this: every write would pay for a rare failure, and the client already
+ * holds the bytes.
+ *
+ * FindMissing rule: a blob is reported present only if a read through this
+ * store returns it.
+ * - Primary healthy: missing = missing(primary) ∩ missing(secondary). Reads
+ *   fall back to the secondary on NOT_FOUND, so a blob only the secondary
+ *   has is readable; it is queued for read repair, since Bazel may now skip
+ *   uploading it and rely on it. The secondary is asked only about what the
+ *   primary lacks, so the usual (all present) case costs one call. If the
+ *   secondary cannot answer, what the primary lacks is reported missing:
+ *   an extra upload is cheap, a false "present" breaks a build.
+ * - Primary unavailable: the secondary alone answers, since reads go there.
+ * - The catch: a blob the primary vouched for but had not yet replicated
+ *   becomes unreadable if the primary dies right after (until it returns);
+ *   reads then answer NOT_FOUND, on which Bazel re-uploads or reruns the
+ *   action. Only synchronous dual writes would close that window.
+ *
+ * For the AC (mutable values) the copies can race: a replay or repair in
+ * flight can overwrite a newer value with an older one. A write the primary
+ * accepts removes the key's pending journal entry to keep that window small;
+ * an older ActionResult for the same action is still a valid one.
+ *
+ * Config (the CAS and AC trees each need their own journalDir):
+ * ```json
+ * {"fallback": {
+ *   "primary": {"sharding": {...}},
+ *   "secondary": {"remote": {...}},
+ *   "replication": {"maxQueue": 10000, "concurrency": 4, "overflow": "drop-oldest"},
+ *   "journalDir": "data/edge/journal"
+ * }}
+ * ```
+ */
+export class FallbackStore implements BlobStore {
+  readonly #primary: BlobStore;
+  readonly #secondary: BlobStore;
+  readonly #journal: DurableLog<JournalRecord>;
+  readonly #breaker: CircuitBreaker;
+  readonly #check: (signal: AbortSignal) => Promise<unknown>;
+  readonly #healthIntervalMs: number;
+  readonly #healthTimeoutMs: number;
+  readonly #failoverBufferBytes: number;
+  readonly #log: Logger | undefined;
+  readonly #closing = new AbortController();
+  readonly #replication: CopyQueue;
+  readonly #replay: CopyQueue;
+  readonly #repairs: CopyQueue;
+  #healthTimer: NodeJS.Timeout | undefined;
+  #healthRunning: Promise<void> | undefined;
+  #closePromise: Promise<void> | undefined;
+  #failovers = 0;
+
+  constructor(opts: FallbackStoreOptions) {
+    this.#primary = opts.primary;
+    this.#secondary = opts.secondary;
+    this.#journal = opts.journal;
+    this.#log = opts.logger;
+    this.#breaker = new CircuitBreaker(opts.breaker);
+    this.#healthIntervalMs = positive(opts.healthCheckIntervalMs ?? 2000, 'healthCheckIntervalMs');
+    this.#healthTimeoutMs = positive(opts.healthCheckTimeoutMs ?? 2000, 'healthCheckTimeoutMs');
+    this.#failoverBufferBytes = Math.max(0, opts.failoverBufferBytes ?? 1024 * 1024);
+    this.#check = opts.primaryHealthCheck
+      ?? (async (signal) => this.#primary.findMissing([PROBE_DIGEST], { signal }));
+    const backgroundTimeoutMs = positive(opts.backgroundTimeoutMs ?? 300_000, 'backgroundTimeoutMs');
+    const primaryUp = () => this.#primaryUp();
+
+    const rep = opts.replication ?? {};
+    this.#replication = new CopyQueue({
+      maxQueue: positive(rep.maxQueue ?? 10_000, 'replication.maxQueue'),
+      concurrency: positive(rep.concurrency ?? 4, 'replication.concurrency'),
+      overflow: overflowPolicy(rep.overflow ?? 'drop-oldest'),
+      maxAttempts: positive(rep.maxAttempts ?? 8, 'replication.maxAttempts'),
+      retryInitialMs: rep.retryInitialMs ?? 500,
+      retryMaxMs: rep.retryMaxMs ?? 30_000,
+      timeoutMs: backgroundTimeoutMs,
+      signal: this.#closing.signal,
+      canRun: primaryUp,
+      run: (job, signal) => this.#replicate(job, signal),
+      onGiveUp: (job, err) => this.#log?.warn({ blob: digestString(job.digest), err: describe(err) }, 'fallback: replication to the secondary failed'),
+    });
+    const replay = opts.replay ?? {};
+    const maxNotFound = positive(replay.maxNotFound ?? 3, 'replay.maxNotFound');
+    this.#replay = new CopyQueue({
+      // Bounded by the journal, which refuses writes beyond its size.
+      maxQueue: Number.POSITIVE_INFINITY,
+      concurrency: positive(replay.concurrency ?? 4, 'replay.concurrency'),
+      overflow: 'reject-new',
+      maxAttempts: Number.POSITIVE_INFINITY,
+      retryInitialMs: replay.retryInitialMs ?? 500,
+      retryMaxMs: replay.retryMaxMs ?? 30_000,
+      timeoutMs: backgroundTimeoutMs,
+      signal: this.#closing.signal,
+      canRun: primaryUp,
+      run: (job, signal) => this.#replayOne(job, signal, maxNotFound),
+      onGiveUp: (job, err) => {
+        this.#log?.error({ blob: digestString(job.digest), err: describe(err) }, 'fallback: journaled blob cannot be replayed to the primary; giving it up');
+        void this.#journal.delete(job.key, job.seq).catch(() => {});
+      },
+    });
+    const repair = opts.repair ?? {};
+    this.#repairs = new CopyQueue({
+      maxQueue: positive(repair.maxQueue ?? 1000, 'repair.maxQueue'),
+      concurrency: positive(repair.concurrency ?? 2, 'repair.concurrency'),
+      // Opportunistic: the next read or FindMissing queues it again.
+      overflow: 'reject-new',
+      maxAttempts: 3,
+      retryInitialMs: 500,
+      retryMaxMs: 5000,
+      timeoutMs: backgroundTimeoutMs,
+      signal: this.#closing.signal,
+      canRun: primaryUp,
+      run: (job, signal) => this.#repairOne(job, signal),
+      onGiveUp: (job, err) => this.#log?.warn({ blob: digestString(job.digest), err: describe(err) }, 'fallback: read repair failed'),
+    });
+
+    this.#breaker.on('transition', (t: BreakerTransition) => {
+      const level = t.to === 'closed' ? 'info' : 'warn';
+      this.#log?.[level]({ from: t.from, to: t.to, reason: t.reason, backoffMs: t.backoffMs }, `fallback: primary breaker ${t.from} -> ${t.to}`);
+      if (t.to === 'closed') this.#pumpAll();
+    });
+
+    // Whatever a previous run journaled is replayed once the primary is up.
+    for (const e of this.#journal.entries()) {
+      this.#replay.add({ hash: e.value.hash, size: e.value.size }, e.seq);
+    }
+    this.#scheduleHealthCheck();
+  }
+
+  /** Opens the journal under `journalDir`, then builds the store. */
+  static async open(opts: FallbackStoreOpenOptions): Promise<FallbackStore> {
+    const { journalDir, maxJournalEntries, ...rest } = opts;
+    const journal = await DurableLog.open<JournalRecord>(join(journalDir, JOURNAL_FILE), { maxEntries: maxJournalEntries });
+    return new FallbackStore({ ...rest, journal });
+  }
+
+  async findMissing(digests: readonly Digest[], opts?: CallOptions): Promise<Digest[]> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    if (digests.length === 0) return [];
+    if (this.#primaryUp()) {
+      let onPrimary: Digest[] | undefined;
+      try {
+        onPrimary = await this.#primary.findMissing(digests, opts);
+        this.#breaker.recordSuccess();
+      } catch (err) {
+        this.#primaryFailed(err, opts?.signal, 'primary');
+      }
+      if (onPrimary !== undefined) {
+        if (onPrimary.length === 0) return onPrimary;
+        let onSecondary: Digest[];
+        try {
+          onSecondary = await this.#secondary.findMissing(onPrimary, opts);
+        } catch (err) {
+          throwIfAborted(opts?.signal);
+          // Reporting more missing than needed only costs an upload.
+          this.#log?.warn({ err: describe(err) }, 'fallback: secondary FindMissing failed; reporting what the primary lacks');
+          return onPrimary;
+        }
+        const stillMissing = new Set(onSecondary.map(digestKey));
+        for (const d of onPrimary) {
+          if (!stillMissing.has(digestKey(d))) this.#queueRepair(d);
+        }
+        return onSecondary;
+      }
+    }
+    try {
+      return await this.#secondary.findMissing(digests, opts);
+    } catch (err) {
+      throw withPrefix('secondary', err);
+    }
+  }
+
+  async get(digest: Digest, opts?: GetOptions): Promise<AsyncIterable<Uint8Array>> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    if (this.#primaryUp()) {
+      let primaryMiss = false;
+      try {
+        const stream = await this.#primary.get(digest, opts);
+        this.#breaker.recordSuccess();
+        return this.#watchPrimaryStream(stream);
+      } catch (err) {
+        if (isCode(err, Code.NotFound)) {
+          this.#breaker.recordSuccess();
+          primaryMiss = true;
+        } else {
+          this.#primaryFailed(err, opts?.signal, 'primary');
+        }
+      }
+      let stream: AsyncIterable<Uint8Array>;
+      try {
+        stream = await this.#secondary.get(digest, opts);
+      } catch (err) {
+        throw withPrefix('secondary', err);
+      }
+      if (primaryMiss) this.#queueRepair(digest);
+      return stream;
+    }
+    try {
+      return await this.#secondary.get(digest, opts);
+    } catch (err) {
+      throw withPrefix('secondary', err);
+    }
+  }
+
+  async put(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    if (!this.#primaryUp()) {
+      await this.#putOnSecondary(digest, chunks, opts);
+      return;
+    }
+    const source = new ReplayableSource(chunks, this.#failoverBufferBytes);
+    try {
+      await this.#primary.put(digest, source.forPrimary(), opts);
+    } catch (err) {
+      // Stop the primary's view of the upload, and wait for a pull it left
+      // in flight, before judging what can be handed over.
+      await source.detach();
+      // A failing client stream or a cancelled call says nothing about the primary.
+      if (source.failed) {
+        source.release();
+        throw toConnectError(err);
+      }
+      if (opts?.signal?.aborted || !isInfrastructureError(err)) {
+        source.release();
+        throwIfAborted(opts?.signal);
+        this.#breaker.recordSuccess(); // an answer, such as INVALID_ARGUMENT
+        throw withPrefix('primary', err);
+      }
+      this.#breaker.recordFailure(err);
+      if (!source.replayable) {
+        source.release();
+        throw withPrefix('primary', err);
+      }
+      this.#failovers++;
+      this.#log?.warn({ blob: digestString(digest), err: describe(err) }, 'fallback: primary failed a write; writing to the secondary');
+      await this.#putOnSecondary(digest, source.forReplay(), opts);
+      return;
+    }
+    source.release();
+    this.#breaker.recordSuccess();
+    const key = digestKey(digest);
+    if (this.#journal.has(key)) {
+      // The primary now holds this (possibly newer) value: replaying the
+      // secondary's copy would at best be redundant.
+      this.#replay.remove(key);
+      void this.#journal.delete(key).catch(() => {});
+    }
+    this.#replication.add(digest, 0);
+  }
+
+  describe(): StoreDescription {
+    const replication = this.#replication.stats();
+    const replay = this.#replay.stats();
+    const repairs = this.#repairs.stats();
+    return {
+      kind: 'fallback',
+      serving: this.#primaryUp() ? 'primary' : 'secondary',
+      breaker: this.#breaker.snapshot(),
+      failovers: this.#failovers,
+      replication: {
+        queued: replication.queued,
+        inFlight: replication.inFlight,
+        done: replication.done,
+        failed: replication.failed,
+        vanished: replication.vanished,
+        overflow: replication.overflow,
+        overflowPolicy: this.#replication.overflowPolicy,
+        lagMs: replication.lagMs,
+      },
+      journal: {
+        backlog: this.#journal.size,
+        inFlight: replay.inFlight,
+        replayed: replay.done,
+        lost: replay.failed + replay.vanished,
+        maxEntries: this.#journal.maxEntries,
+        lagMs: replay.lagMs,
+      },
+      repairs: {
+        queued: repairs.queued,
+        inFlight: repairs.inFlight,
+        done: repairs.done,
+        failed: repairs.failed + repairs.vanished,
+        dropped: repairs.overflow,
+      },
+      children: [
+        { ...this.#primary.describe(), role: 'primary' },
+        { ...this.#secondary.describe(), role: 'secondary' },
+      ],
+    };
+  }
+
+  /**
+   * Stops the health loop and background copies (copies in flight are
+   * aborted; replication and repair items still queued are forgotten, journal
+   * entries stay on disk for the next start), closes the journal, then the
+   * children. Idempotent.
+   */
+  close(): Promise<void> {
+    this.#closePromise ??= this.#close();
+    return this.#closePromise;
+  }
+
+  async #close(): Promise<void> {
+    this.#closing.abort(new ConnectError('fallback store is closing', Code.Unavailable));
+    clearTimeout(this.#healthTimer);
+    this.#healthTimer = undefined;
+    await this.#healthRunning;
+    await Promise.all([this.#replication.close(), this.#replay.close(), this.#repairs.close()]);
+    const results = await Promise.allSettled([this.#journal.close(), this.#primary.close(), this.#secondary.close()]);
+    const failed = results.find((r) => r.status === 'rejected');
+    if (failed !== undefined) throw failed.reason;
+  }
+
+  #checkOpen(): void {
+    if (this.#closing.signal.aborted) throw new ConnectError('fallback store is closed', Code.Unavailable);
+  }
+
+  #primaryUp(): boolean {
+    return this.#breaker.allowsTraffic();
+  }
+
+  /**
+   * Feeds a failed primary call to the breaker. Returns (so the caller falls
+   * back to the secondary) for an infrastructure error; throws otherwise.
+   */
+  #primaryFailed(err: unknown, signal: AbortSignal | undefined, prefix: string): void {
+    throwIfAborted(signal);
+    this.#breaker.recordFailure(err);
+    if (!isInfrastructureError(err)) throw withPrefix(prefix, err);
+    this.#failovers++;
+  }
+
+  async *#watchPrimaryStream(stream: AsyncIterable<Uint8Array>): AsyncIterable<Uint8Array> {
+    try {
+      yield* stream;
+    } catch (err) {
+      this.#breaker.recordFailure(err);
+      throw withPrefix('primary', err);
+    }
+  }
+
+  /** Writes to the secondary and journals the write before acknowledging it. */
+  async #putOnSecondary(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void> {
+    const key = digestKey(digest);
+    if (!this.#journal.has(key) && this.#journal.size >= this.#journal.maxEntries) {
+      throw new ConnectError(
+        `fallback: primary is unavailable and the catch-up journal is full (${this.#journal.maxEntries} entries); refusing the write`,
+        Code.Unavailable,
+      );
+    }
+    try {
+      await this.#secondary.put(digest, chunks, opts);
+    } catch (err) {
+      throw withPrefix('secondary', err);
+    }
+    let seq: number;
+    try {
+      seq = await this.#journal.append(key, { hash: digest.hash, size: digest.size, at: Date.now() });
+    } catch (err) {
+      const why = err instanceof DurableLogFullError ? 'the catch-up journal is full' : `journaling failed: ${describe(err)}`;
+      throw new ConnectError(`fallback: primary is unavailable and ${why}; refusing the write`, Code.Unavailable, undefined, undefined, err);
+    }
+    this.#replay.add(digest, seq);
+  }
+
+  #queueRepair(digest: Digest): void {
+    // A journaled blob is on its way to the primary already.
+    if (this.#journal.has(digestKey(digest))) return;
+    this.#repairs.add(digest, 0);
+  }
+
+  async #replicate(job: CopyJob, signal: AbortSignal): Promise<CopyOutcome> {
+    let stream: AsyncIterable<Uint8Array>;
+    try {
+      stream = await this.#primary.get(job.digest, { signal });
+      this.#breaker.recordSuccess();
+    } catch (err) {
+      if (isCode(err, Code.NotFound)) return 'vanished';
+      if (!signal.aborted) this.#breaker.recordFailure(err);
+      throw withPrefix('primary', err);
+    }
+    try {
+      await this.#secondary.put(job.digest, stream, { signal });
+    } catch (err) {
+      throw withPrefix('secondary', err);
+    }
+    return 'done';
+  }
+
+  async #replayOne(job: CopyJob, signal: AbortSignal, maxNotFound: number): Promise<CopyOutcome> {
+    let stream: AsyncIterable<Uint8Array>;
+    try {
+      stream = await this.#secondary.get(job.digest, { signal });
+    } catch (err) {
+      if (!isCode(err, Code.NotFound)) throw withPrefix('secondary', err);
+      // Replayed before a crash but the removal was not yet durable?
+      const missing = await this.#primary.findMissing([job.digest], { signal });
+      if (missing.length === 0) {
+        void this.#journal.delete(job.key, job.seq).catch(() => {});
+        return 'done';
+      }
+      if (job.attempts < maxNotFound) throw withPrefix('secondary', err);
+      this.#log?.error({ blob: digestString(job.digest) }, 'fallback: journaled blob is on neither backend any more; giving it up');
+      void this.#journal.delete(job.key, job.seq).catch(() => {});
+      return 'vanished';
+    }
+    try {
+      await this.#primary.put(job.digest, stream, { signal });
+      this.#breaker.recordSuccess();
+    } catch (err) {
+      if (!signal.aborted) this.#breaker.recordFailure(err);
+      throw withPrefix('primary', err);
+    }
+    // Only now, with the primary holding the blob, does the entry go. The
+    // removal need not be durable before we go on: losing it to a crash only
+    // means one more (idempotent) replay after the restart.
+    this.#journal.delete(job.key, job.seq).catch((err: unknown) => {
+      this.#log?.warn({ err: describe(err) }, 'fallback: removing a replayed journal entry failed; it will be replayed again');
+    });
+    return 'done';
+  }
+
+  async #repairOne(job: CopyJob, signal: AbortSignal): Promise<CopyOutcome> {
+    let stream: AsyncIterable<Uint8Array>;
+    try {
+      stream = await this.#secondary.get(job.digest, { signal });
+    } catch (err) {
+      if (isCode(err, Code.NotFound)) return 'vanished';
+      throw withPrefix('secondary', err);
+    }
+    try {
+      await this.#primary.put(job.digest, stream, { signal });
+      this.#breaker.recordSuccess();
+    } catch (err) {
+      if (!signal.aborted) this.#breaker.recordFailure(err);
+      throw withPrefix('primary', err);
+    }
+    return 'done';
+  }
+
+  #pumpAll(): void {
+    this.#replay.pump();
+    this.#repairs.pump();
+    this.#replication.pump();
+  }
+
+  #scheduleHealthCheck(): void {
+    if (this.#closing.signal.aborted) return;
+    this.#healthTimer = setTimeout(() => {
+      this.#healthRunning = this.#runHealthCheck().finally(() => {
+        this.#healthRunning = undefined;
+        this.#scheduleHealthCheck();
+      });
+    }, this.#healthIntervalMs);
+    this.#healthTimer.unref();
+  }
+
+  async #runHealthCheck(): Promise<void> {
+    const state = this.#breaker.state;
+    // Open: waiting out the backoff. Drained: held by an operator.
+    if (state === 'closed' || state === 'half-open') {
+      const signal = AbortSignal.any([this.#closing.signal, AbortSignal.timeout(this.#healthTimeoutMs)]);
+      try {
+        await this.#check(signal);
+        if (!this.#closing.signal.aborted) this.#breaker.recordHealthCheck(true);
+      } catch (err) {
+        if (!this.#closing.signal.aborted) this.#breaker.recordHealthCheck(false, describe(err));
+      }
+    }
+    // Also retries queued work that waited for the primary.
+    this.#pumpAll();
+  }
+}
+
+// ---------------------------------------------------------------------------
+
+/** Outcome of one background copy: copied, or the source no longer has it. */
+type CopyOutcome = 'done' | 'vanished';
+
+interface CopyJob {
+  readonly key: string;
+  readonly digest: Digest;
+  /** The journal version being replayed; 0 for replication and repair. */
+  seq: number;
+  /** The newest version added while this job was in flight. */
+  nextSeq: number;
+  readonly enqueuedAt: number;
+  attempts: number;
+  /** Added again while in flight: run once more afterwards (AC values can change). */
+  again: boolean;
+  timer: NodeJS.Timeout | undefined;
+}
+
+interface CopyQueueOptions {
+  readonly maxQueue: number;
+  readonly concurrency: number;
+  readonly overflow: OverflowPolicy;
+  readonly maxAttempts: number;
+  readonly retryInitialMs: number;
+  readonly retryMaxMs: number;
+  readonly timeoutMs: number;
+  readonly signal: AbortSignal;
+  /** Jobs start only while this holds (the primary is up). */
+  readonly canRun: () => boolean;
+  readonly run: (job: CopyJob, signal: AbortSignal) => Promise<CopyOutcome>;
+  readonly onGiveUp: (job: CopyJob, err: unknown) => void;
+}
+
+interface CopyQueueStats {
+  readonly queued: number;
+  readonly inFlight: number;
+  readonly done: number;
+  readonly failed: number;
+  readonly vanished: number;
+  readonly overflow: number;
+  readonly lagMs: number;
+}
+
+/**
+ * A bounded, deduplicated queue of background copies with a concurrency
+ * limit and retries with backoff. Jobs name a digest only: the bytes are
+ * streamed from the source when the job runs.
+ */
+class CopyQueue {
+  readonly overflowPolicy: OverflowPolicy;
+  readonly #o: CopyQueueOptions;
+  // Every waiting job (ready or backing off), in the order queued.
+  readonly #pending = new Map<string, CopyJob>();
+  // The waiting jobs that may start now, oldest first.
+  readonly #ready = new Map<string, CopyJob>();
+  readonly #inFlight = new Map<string, CopyJob>();
+  readonly #running = new Set<Promise<void>>();
+  #done = 0;
+  #failed = 0;
+  #vanished = 0;
+  #overflow = 0;
+
+  constructor(o: CopyQueueOptions) {
+    this.#o = o;
+    this.overflowPolicy = o.overflow;
+  }
+
+  /** Queues a copy of `digest`; false if it was refused for overflow. */
+  add(digest: Digest, seq: number): boolean {
+    if (this.#o.signal.aborted) return false;
+    const key = digestKey(digest);
+    const running = this.#inFlight.get(key);
+    if (running !== undefined) {
+      // Its copy may predate this version: it keeps deleting only its own
+      // version, and the new one runs afterwards.
+      running.again = true;
+      if (seq > running.nextSeq) running.nextSeq = seq;
+      return true;
+    }
+    const waiting = this.#pending.get(key);
+    if (waiting !== undefined) {
+      if (seq > waiting.seq) waiting.seq = seq;
+      return true;
+    }
+    if (this.#pending.size >= this.#o.maxQueue) {
+      this.#overflow++;
+      if (this.#o.overflow === 'reject-new') return false;
+      const oldest = this.#pending.values().next().value!;
+      this.#unqueue(oldest);
+    }
+    const job: CopyJob = { key, digest, seq, nextSeq: seq, enqueuedAt: Date.now(), attempts: 0, again: false, timer: undefined };
+    this.#pending.set(key, job);
+    this.#ready.set(key, job);
+    this.pump();
+    return true;
+  }
+
+  /** Forgets a waiting job (not one in flight). */
+  remove(key: string): void {
+    const job = this.#pending.get(key);
+    if (job !== undefined) this.#unqueue(job);
+  }
+
+  /** Starts ready jobs up to the concurrency limit. */
+  pump(): void {
+    while (
+      !this.#o.signal.aborted
+      && this.#inFlight.size < this.#o.concurrency
+      && this.#ready.size > 0
+      && this.#o.canRun()
+    ) {
+      const job = this.#ready.values().next().value!;
+      this.#unqueue(job);
+      this.#inFlight.set(job.key, job);
+      const p = this.#runJob(job).finally(() => this.#running.delete(p));
+      this.#running.add(p);
+    }
+  }
+
+  stats(): CopyQueueStats {
+    const now = Date.now();
+    let oldest = now;
+    for (const j of this.#pending.values()) oldest = Math.min(oldest, j.enqueuedAt);
+    for (const j of this.#inFlight.values()) oldest = Math.min(oldest, j.enqueuedAt);
+    return {
+      queued: this.#pending.size,
+      inFlight: this.#inFlight.size,
+      done: this.#done,
+      failed: this.#failed,
+      vanished: this.#vanished,
+      overflow: this.#overflow,
+      lagMs: now - oldest,
+    };
+  }
+
+  /** Waits for jobs in flight (aborted by the shared signal) and drops the rest. */
+  async close(): Promise<void> {
+    for (const job of this.#pending.values()) clearTimeout(job.timer);
+    this.#pending.clear();
+    this.#ready.clear();
+    await Promise.allSettled([...this.#running]);
+  }
+
+  #unqueue(job: CopyJob): void {
+    clearTimeout(job.timer);
+    job.timer = undefined;
+    this.#pending.delete(job.key);
+    this.#ready.delete(job.key);
+  }
+
+  async #runJob(job: CopyJob): Promise<void> {
+    job.attempts++;
+    job.again = false;
+    const signal = AbortSignal.any([this.#o.signal, AbortSignal.timeout(this.#o.timeoutMs)]);
+    let retry = false;
+    try {
+      const outcome = await this.#o.run(job, signal);
+      if (outcome === 'done') this.#done++;
+      else this.#vanished++;
+    } catch (err) {
+      if (this.#o.signal.aborted) return;
+      const retryable = isInfrastructureError(err) || isCode(err, Code.NotFound) || isCode(err, Code.Canceled);
+      if (retryable && job.attempts < this.#o.maxAttempts) {
+        retry = true;
+      } else {
+        this.#failed++;
+        this.#o.onGiveUp(job, err);
+      }
+    } finally {
+      this.#inFlight.delete(job.key);
+    }
+    if (this.#o.signal.aborted) return;
+    if (retry) {
+      // The retry reads the source afresh, so it covers any newer version.
+      job.seq = Math.max(job.seq, job.nextSeq);
+      job.again = false;
+      this.#pending.set(job.key, job);
+      job.timer = setTimeout(() => {
+        job.timer = undefined;
+        if (this.#pending.get(job.key) !== job) return;
+        this.#ready.set(job.key, job);
+        this.pump();
+      }, backoffMs(job.attempts, this.#o.retryInitialMs, this.#o.retryMaxMs));
+      job.timer.unref();
+    } else if (job.again) {
+      this.add(job.digest, job.nextSeq);
+    }
+    this.pump();
+  }
+}
+
+/**
+ * Hands an upload to the primary while remembering its first
+ * `limit` bytes, so that if the primary fails it can be handed, whole, to the
+ * secondary: the remembered prefix, then the rest of the original stream.
+ */
+class ReplayableSource {
+  readonly #it: AsyncIterator<Uint8Array>;
+  readonly #limit: number;
+  #kept: Uint8Array[] = [];
+  #keptBytes = 0;
+  #overflowed = false;
+  #ended = false;
+  #failed = false;
+  #detached = false;
+  // Pulls are chained so the prefix is recorded in stream order.
+  #last: Promise<unknown> = Promise.resolve();
+
+  constructor(source: AsyncIterable<Uint8Array>, limit: number) {
+    this.#it = source[Symbol.asyncIterator]();
+    this.#limit = limit;
+  }
+
+  /** True when the upload itself (the client's stream) failed. */
+  get failed(): boolean {
+    return this.#failed;
+  }
+
+  /** True when everything the primary consumed can be handed over again. */
+  get replayable(): boolean {
+    return !this.#overflowed && !this.#failed;
+  }
+
+  /** The view the primary consumes. return() does not end the real stream. */
+  forPrimary(): AsyncIterable<Uint8Array> {
+    const iterator: AsyncIterator<Uint8Array> = {
+      next: () => this.#pull(),
+      return: async () => ({ done: true, value: undefined }),
+    };
+    return { [Symbol.asyncIterator]: () => iterator };
+  }
+
+  /** Cuts the primary off this upload and waits for its last pull to land. */
+  async detach(): Promise<void> {
+    this.#detached = true;
+    await this.#last;
+  }
+
+  /** The whole upload again, after detach() and only if replayable. */
+  async *forReplay(): AsyncIterable<Uint8Array> {
+    const kept = this.#kept;
+    this.#kept = [];
+    yield* kept;
+    try {
+      while (!this.#ended) {
+        const r = await this.#it.next();
+        if (r.done === true) break;
+        yield r.value;
+      }
+    } finally {
+      this.release();
+    }
+  }
+
+  /** Lets the original stream finish (or be cleaned up) when it is no longer needed. */
+  release(): void {
+    this.#kept = [];
+    if (!this.#ended) {
+      this.#ended = true;
+      void this.#last.then(() => this.#it.return?.()).catch(() => {});
+    }
+  }
+
+  #pull(): Promise<IteratorResult<Uint8Array>> {
+    if (this.#detached) {
+      return Promise.reject(new ConnectError('upload was handed to the secondary', Code.Canceled));
+    }
+    const p = this.#last.then(() => this.#it.next()).then(
+      (r) => {
+        if (r.done === true) {
+          this.#ended = true;
+        } else if (!this.#overflowed) {
+          if (this.#keptBytes + r.value.byteLength <= this.#limit) {
+            this.#kept.push(r.value);
+            this.#keptBytes += r.value.byteLength;
+          } else {
+            this.#overflowed = true;
+            this.#kept = [];
+          }
+        }
+        return r;
+      },
+      (err: unknown) => {
+        this.#failed = true;
+        this.#ended = true;
+        throw err;
+      },
+    );
+    this.#last = p.catch(() => {});
+    return p;
+  }
+}
+
+function backoffMs(attempt: number, initialMs: number, maxMs: number): number {
+  const base = Math.min(maxMs, initialMs * 2 ** Math.max(0, attempt - 1));
+  return Math.round(base * (0.5 + Math.random() / 2));
+}
+
+function positive(n: number, what: string): number {
+  if (!(n > 0)) throw new RangeError(`fallback store: ${what} ${n} must be positive`);
+  return n;
+}
+
+function overflowPolicy(p: string): OverflowPolicy {
+  if (p === 'drop-oldest' || p === 'reject-new') return p;
+  throw new RangeError(`fallback store: replication.overflow ${JSON.stringify(p)} must be "drop-oldest" or "reject-new"`);
+}
+
+function describe(err: unknown): string {
+  return toConnectError(err).message;
+}

@@ -2,7 +2,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
 import { dirname } from 'node:path';
 
-export interface DurableLogOptions {
+export interface DurableLogOptions<T = unknown> {
   /**
    * Most live entries. append() of a key not already present throws
    * DurableLogFullError beyond this, so a stuck consumer cannot fill the
@@ -17,6 +17,8 @@ export interface DurableLogOptions {
   readonly compactMinRecords?: number | undefined;
   /** fdatasync every commit. Only tests and benchmarks turn this off. Default true. */
   readonly fsync?: boolean | undefined;
+  /** How records are stored. Default: JSON lines {"k","s","v"} and {"k","s","d":1}. */
+  readonly format?: DurableLogFormat<T> | undefined;
 }
 
 /** One live entry. `seq` identifies this version of the key (see delete()). */
@@ -39,6 +41,47 @@ export interface DurableLogStats {
   readonly tornTailBytes: number;
 }
 
+/** A record read back from the file: a put of `value`, or a delete. */
+export type LogRecord<T> =
+  | { readonly key: string; readonly seq?: number | undefined; readonly value: T }
+  | { readonly key: string; readonly seq?: number | undefined; readonly deleted: true };
+
+/**
+ * How records are written, one line each (without the newline), and read
+ * back. A format may leave sequence numbers out of the file (decode() gives
+ * no `seq`): on open, puts are then numbered in file order and a delete
+ * removes whatever version is live. That replays to the same state, since
+ * records reach the file in call order and a delete is only written for the
+ * version live at the time.
+ */
+export interface DurableLogFormat<T> {
+  put(entry: LogEntry<T>): string;
+  /** `entry` is the version being removed. */
+  delete(entry: LogEntry<T>): string;
+  /** The record a line holds, or why it is invalid (a throw counts as invalid too). */
+  decode(line: string): LogRecord<T> | string;
+}
+
+/** The default format: {"k":key,"s":seq,"v":value} and {"k":key,"s":seq,"d":1}. */
+const JSON_RECORDS: DurableLogFormat<unknown> = {
+  put: (e) => JSON.stringify({ k: e.key, s: e.seq, v: e.value }),
+  delete: (e) => JSON.stringify({ k: e.key, s: e.seq, d: 1 }),
+  decode(line) {
+    let r: unknown;
+    try {
+      r = JSON.parse(line);
+    } catch {
+      return 'not JSON';
+    }
+    if (typeof r !== 'object' || r === null) return 'not an object';
+    const { k, s } = r as { k?: unknown; s?: unknown };
+    if (typeof k !== 'string' || typeof s !== 'number' || !Number.isSafeInteger(s)) return 'missing key or sequence';
+    if ('d' in r) return { key: k, seq: s, deleted: true };
+    if (!('v' in r)) return 'missing value';
+    return { key: k, seq: s, value: (r as { v: unknown }).v };
+  },
+};
+
 /** append() of a new key while the log already holds `maxEntries` entries. */
 export class DurableLogFullError extends Error {
   readonly code = 'ELOGFULL';
@@ -55,18 +98,6 @@ export class DurableLogCorruptError extends Error {
     super(`durable log ${path}: line ${line} is corrupt (${detail}) and is followed by valid records`);
     this.name = 'DurableLogCorruptError';
   }
-}
-
-/** A record as stored, one JSON object per line. `d` marks a delete of version `s`. */
-interface PutRecord<T> {
-  readonly k: string;
-  readonly s: number;
-  readonly v: T;
-}
-interface DeleteRecord {
-  readonly k: string;
-  readonly s: number;
-  readonly d: 1;
 }
 
 interface Pending {
@@ -110,6 +141,7 @@ export class DurableLog<T> {
   readonly maxEntries: number;
   readonly #compactMinRecords: number;
   readonly #fsync: boolean;
+  readonly #format: DurableLogFormat<T>;
   readonly #entries = new Map<string, LogEntry<T>>();
   #fh: FileHandle | undefined;
   #nextSeq = 1;
@@ -123,7 +155,7 @@ export class DurableLog<T> {
   #closed = false;
   #closePromise: Promise<void> | undefined;
 
-  private constructor(path: string, opts: DurableLogOptions) {
+  private constructor(path: string, opts: DurableLogOptions<T>) {
     this.path = path;
     this.maxEntries = opts.maxEntries ?? 1_000_000;
     if (!(Number.isSafeInteger(this.maxEntries) && this.maxEntries > 0)) {
@@ -131,10 +163,11 @@ export class DurableLog<T> {
     }
     this.#compactMinRecords = Math.max(1, opts.compactMinRecords ?? 1024);
     this.#fsync = opts.fsync ?? true;
+    this.#format = opts.format ?? (JSON_RECORDS as DurableLogFormat<T>);
   }
 
   /** Opens (creating if needed) the log at `path` and loads its entries. */
-  static async open<T>(path: string, opts: DurableLogOptions = {}): Promise<DurableLog<T>> {
+  static async open<T>(path: string, opts: DurableLogOptions<T> = {}): Promise<DurableLog<T>> {
     const log = new DurableLog<T>(path, opts);
     await log.#load();
     return log;
@@ -168,14 +201,13 @@ export class DurableLog<T> {
     if (!this.#entries.has(key) && this.#entries.size >= this.maxEntries) {
       throw new DurableLogFullError(this.path, this.maxEntries);
     }
-    const seq = this.#nextSeq++;
-    const record: PutRecord<T> = { k: key, s: seq, v: value };
-    const line = `${JSON.stringify(record)}\n`;
+    const entry: LogEntry<T> = { key, value, seq: this.#nextSeq++ };
+    const line = `${this.#format.put(entry)}\n`;
     // Delete first so that re-inserting moves the key to the end (age order).
     this.#entries.delete(key);
-    this.#entries.set(key, { key, value, seq });
+    this.#entries.set(key, entry);
     await this.#commit(line);
-    return seq;
+    return entry.seq;
   }
 
   /**
@@ -189,8 +221,7 @@ export class DurableLog<T> {
     const entry = this.#entries.get(key);
     if (entry === undefined || (seq !== undefined && entry.seq !== seq)) return false;
     this.#entries.delete(key);
-    const record: DeleteRecord = { k: key, s: entry.seq, d: 1 };
-    await this.#commit(`${JSON.stringify(record)}\n`);
+    await this.#commit(`${this.#format.delete(entry)}\n`);
     return true;
   }
 
@@ -267,10 +298,7 @@ export class DurableLog<T> {
   async #compact(): Promise<void> {
     const tmp = `${this.path}.compact`;
     const lines: string[] = [];
-    for (const e of this.#entries.values()) {
-      const record: PutRecord<T> = { k: e.key, s: e.seq, v: e.value };
-      lines.push(`${JSON.stringify(record)}\n`);
-    }
+    for (const e of this.#entries.values()) lines.push(`${this.#format.put(e)}\n`);
     try {
       const out = await open(tmp, 'w');
       try {
@@ -346,23 +374,22 @@ export class DurableLog<T> {
 
   /** Applies one stored line to the map; returns why it is invalid, or undefined. */
   #apply(text: string): string | undefined {
-    let r: unknown;
+    let r: LogRecord<T> | string;
     try {
-      r = JSON.parse(text);
-    } catch {
-      return 'not JSON';
+      r = this.#format.decode(text);
+    } catch (err) {
+      return err instanceof Error ? err.message : String(err);
     }
-    if (typeof r !== 'object' || r === null) return 'not an object';
-    const { k, s } = r as { k?: unknown; s?: unknown };
-    if (typeof k !== 'string' || typeof s !== 'number' || !Number.isSafeInteger(s)) return 'missing key or sequence';
-    if (s >= this.#nextSeq) this.#nextSeq = s + 1;
-    if ('d' in r) {
-      if (this.#entries.get(k)?.seq === s) this.#entries.delete(k);
+    if (typeof r === 'string') return r;
+    const { key, seq } = r;
+    if (seq !== undefined && !Number.isSafeInteger(seq)) return 'bad sequence number';
+    if (seq !== undefined) this.#nextSeq = Math.max(this.#nextSeq, seq + 1);
+    if ('deleted' in r) {
+      if (seq === undefined || this.#entries.get(key)?.seq === seq) this.#entries.delete(key);
       return undefined;
     }
-    if (!('v' in r)) return 'missing value';
-    this.#entries.delete(k);
-    this.#entries.set(k, { key: k, value: (r as PutRecord<T>).v, seq: s });
+    this.#entries.delete(key);
+    this.#entries.set(key, { key, value: r.value, seq: seq ?? this.#nextSeq++ });
     return undefined;
   }
 }

@@ -3,19 +3,30 @@ import { Code, ConnectError } from '@connectrpc/connect';
 import type { Digest } from './digest.ts';
 import { digestString } from './digest.ts';
 
-/** Reads a whole stream into one buffer. Only for blobs known to be small. */
-export async function collect(chunks: AsyncIterable<Uint8Array>, maxBytes = Number.MAX_SAFE_INTEGER): Promise<Uint8Array> {
+/**
+ * Reads a whole stream into one buffer, or returns undefined (and stops
+ * reading) once it exceeds `maxBytes`.
+ */
+export async function readAtMost(chunks: AsyncIterable<Uint8Array>, maxBytes: number): Promise<Uint8Array | undefined> {
   const parts: Uint8Array[] = [];
   let total = 0;
   for await (const c of chunks) {
     total += c.byteLength;
-    if (total > maxBytes) {
-      throw new ConnectError(`stream exceeds ${maxBytes} bytes`, Code.ResourceExhausted);
-    }
+    if (total > maxBytes) return undefined;
     parts.push(c);
   }
   if (parts.length === 1) return parts[0]!;
   return Buffer.concat(parts, total);
+}
+
+/**
+ * Reads a whole stream into one buffer; RESOURCE_EXHAUSTED beyond
+ * `maxBytes`. Only for blobs known to be small.
+ */
+export async function collect(chunks: AsyncIterable<Uint8Array>, maxBytes = Number.MAX_SAFE_INTEGER): Promise<Uint8Array> {
+  const data = await readAtMost(chunks, maxBytes);
+  if (data === undefined) throw new ConnectError(`stream exceeds ${maxBytes} bytes`, Code.ResourceExhausted);
+  return data;
 }
 
 export async function* once(data: Uint8Array): AsyncIterable<Uint8Array> {

@@ -2,7 +2,7 @@ import { appendFile, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/prom
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
-import { DurableLog, DurableLogCorruptError, DurableLogFullError } from '../src/durable-log.ts';
+import { DurableLog, DurableLogCorruptError, DurableLogFullError, type DurableLogFormat } from '../src/durable-log.ts';
 
 interface Rec {
   readonly n: number;
@@ -171,4 +171,34 @@ t.test('close waits for pending commits, is idempotent, and refuses later calls'
   await log.close();
   await t.rejects(log.append('b', { n: 2 }), { message: /is closed/ });
   t.match(await readFile(path, 'utf8'), /"k":"a"/);
+});
+
+t.test('a format without sequence numbers replays in file order, deletes included', async (t) => {
+  const path = join(await tempDir(), 'log.jsonl');
+  // One line per record: "+key n" or "-key".
+  const format: DurableLogFormat<Rec> = {
+    put: (e) => `+${e.key} ${e.value.n}`,
+    delete: (e) => `-${e.key}`,
+    decode(line) {
+      const m = /^([+-])(\w+)(?: (\d+))?$/.exec(line);
+      if (m === null) return 'not a record';
+      return m[1] === '+' ? { key: m[2]!, value: { n: Number(m[3]) } } : { key: m[2]!, deleted: true };
+    },
+  };
+  const log = await DurableLog.open<Rec>(path, { format, compactMinRecords: 1000 });
+  const v1 = await log.append('a', { n: 1 });
+  await log.append('b', { n: 2 });
+  t.equal(await log.delete('a', v1), true);
+  await log.append('a', { n: 3 });
+  await log.delete('b');
+  await log.append('c', { n: 4 });
+  await log.close();
+  t.equal(await readFile(path, 'utf8'), '+a 1\n+b 2\n-a\n+a 3\n-b\n+c 4\n');
+
+  const again = await DurableLog.open<Rec>(path, { format });
+  t.same([...again.entries()].map((e) => [e.key, e.value.n]), [['a', 3], ['c', 4]]);
+  const a = again.get('a')!;
+  t.equal(await again.delete('a', a.seq + 1), false, 'loaded entries still have distinct versions');
+  t.equal(await again.delete('a', a.seq), true);
+  await again.close();
 });

@@ -6,7 +6,7 @@ import { ActionCache, ActionResultSchema } from '../../gen/build/bazel/remote/ex
 import type { Digest } from '../digest.ts';
 import { digestString, fromProtoDigest } from '../digest.ts';
 import { isCode, notFound, toConnectError } from '../errors.ts';
-import { once } from '../streams.ts';
+import { once, readAtMost } from '../streams.ts';
 import type { ServiceDeps } from './deps.ts';
 import { checkDigestFunction } from './cas.ts';
 import { validateInstanceName } from './instance-name.ts';
@@ -87,18 +87,6 @@ export function createActionCacheService(deps: ServiceDeps): ServiceImpl<typeof 
       return req.actionResult;
     },
   };
-}
-
-/** Reads a whole stream, or returns undefined once it exceeds `max` bytes. */
-async function readAtMost(chunks: AsyncIterable<Uint8Array>, max: number): Promise<Uint8Array | undefined> {
-  const parts: Uint8Array[] = [];
-  let n = 0;
-  for await (const c of chunks) {
-    n += c.byteLength;
-    if (n > max) return undefined;
-    parts.push(c);
-  }
-  return parts.length === 1 ? parts[0]! : Buffer.concat(parts, n);
 }
 
 /**

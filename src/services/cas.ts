@@ -21,7 +21,8 @@ import type { Digest } from '../digest.ts';
 import { digestKey, digestString, fromProtoDigest, isEmptyDigest, sha256Hex, toProtoDigest } from '../digest.ts';
 import { isCode, isInfrastructureError, toConnectError } from '../errors.ts';
 import type { BlobStore } from '../stores/blob-store.ts';
-import { once } from '../streams.ts';
+import { mapLimit } from '../concurrency.ts';
+import { once, readAtMost } from '../streams.ts';
 import type { ServiceDeps } from './deps.ts';
 import { validateInstanceName } from './instance-name.ts';
 
@@ -257,19 +258,12 @@ function errorResponse(
  */
 async function readSmallBlob(store: BlobStore, d: Digest, signal: AbortSignal): Promise<Uint8Array> {
   if (isEmptyDigest(d)) return new Uint8Array(0);
-  const chunks = await store.get(d, { signal });
-  const parts: Uint8Array[] = [];
-  let n = 0;
-  for await (const c of chunks) {
-    n += c.byteLength;
-    if (n > d.size) break;
-    parts.push(c);
-  }
-  if (n !== d.size) {
-    const got = n > d.size ? `more than ${d.size}` : String(n);
+  const data = await readAtMost(await store.get(d, { signal }), d.size);
+  if (data === undefined || data.byteLength !== d.size) {
+    const got = data === undefined ? `more than ${d.size}` : String(data.byteLength);
     throw new ConnectError(`blob ${digestString(d)}: store returned ${got} bytes, digest says ${d.size}`, Code.DataLoss);
   }
-  return parts.length === 1 ? parts[0]! : Buffer.concat(parts, n);
+  return data;
 }
 
 interface WalkedDirectory {
@@ -375,22 +369,4 @@ function decodePageToken(token: string, root: Digest): number {
     throw new ConnectError(`page_token was issued for root_digest ${t.root}, not ${digestString(root)}`, Code.InvalidArgument);
   }
   return t.position;
-}
-
-/**
- * Runs `fn` over `items` with at most `limit` calls in flight and returns the
- * results in item order. `fn` must not reject (batch calls turn failures into
- * per-item statuses).
- */
-async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<R>): Promise<R[]> {
-  const results = new Array<R>(items.length);
-  let next = 0;
-  const worker = async (): Promise<void> => {
-    while (next < items.length) {
-      const i = next++;
-      results[i] = await fn(items[i]!, i);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  return results;
 }

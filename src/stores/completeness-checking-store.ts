@@ -10,7 +10,8 @@ import { ActionResultSchema, DirectorySchema, TreeSchema } from '../../gen/build
 import type { Digest } from '../digest.ts';
 import { digestKey, digestString, fromProtoDigest, isEmptyDigest } from '../digest.ts';
 import { isCode, withPrefix } from '../errors.ts';
-import { resolveRange } from '../streams.ts';
+import { mapLimit } from '../concurrency.ts';
+import { readAtMost, resolveRange } from '../streams.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
 
 /** Largest ActionResult this store will buffer and check. Real ones are KiB. */
@@ -273,35 +274,4 @@ export class CompletenessCheckingStore implements BlobStore {
   #hide(action: Digest, reason: string): ConnectError {
     return new ConnectError(`action result ${digestString(action)} ${reason}`, Code.NotFound);
   }
-}
-
-async function readAtMost(chunks: AsyncIterable<Uint8Array>, max: number): Promise<Uint8Array | undefined> {
-  const parts: Uint8Array[] = [];
-  let n = 0;
-  for await (const c of chunks) {
-    n += c.byteLength;
-    if (n > max) return undefined;
-    parts.push(c);
-  }
-  return parts.length === 1 ? parts[0]! : Buffer.concat(parts, n);
-}
-
-/** Runs `fn` over `items`, at most `limit` at once; results in item order. */
-async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T, index: number) => Promise<R>): Promise<R[]> {
-  const results = new Array<R>(items.length);
-  let next = 0;
-  let failed = false;
-  const worker = async (): Promise<void> => {
-    while (next < items.length && !failed) {
-      const i = next++;
-      try {
-        results[i] = await fn(items[i]!, i);
-      } catch (err) {
-        failed = true; // stop starting new work; the first error wins
-        throw err;
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  return results;
 }

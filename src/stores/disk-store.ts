@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { Code, ConnectError } from '@connectrpc/connect';
 import type { Logger } from 'pino';
+import { abortable, mapLimit } from '../concurrency.ts';
 import type { Digest } from '../digest.ts';
 import { digestString, EMPTY_SHA256, isEmptyDigest } from '../digest.ts';
 import { notFound, throwIfAborted, toConnectError } from '../errors.ts';
@@ -502,7 +503,7 @@ export class DiskStore implements BlobStore {
     // Directory listings give names; names give hash and (for the CAS) size.
     const candidates: { dir: string; name: string; size: number }[] = [];
     const junk: string[] = [];
-    await forEachLimit(FAN_OUT, SCAN_CONCURRENCY, async (dir) => {
+    await mapLimit(FAN_OUT, SCAN_CONCURRENCY, async (dir) => {
       const dirPath = join(this.#root, dir);
       if (!present.has(dir)) {
         await this.#io(`creating ${dir}/`, mkdir(dirPath, { recursive: true }));
@@ -632,34 +633,4 @@ async function writeFully(fh: FileHandle, chunk: Uint8Array): Promise<void> {
     const { bytesWritten } = await fh.write(chunk, off, chunk.byteLength - off, null);
     off += bytesWritten;
   }
-}
-
-/** Settles like `p`, or rejects with the signal's reason as soon as it fires. */
-function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) {
-    p.catch(noop);
-    return Promise.reject(signal.reason);
-  }
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(signal.reason);
-    signal.addEventListener('abort', onAbort, { once: true });
-    p.then(
-      (v) => {
-        signal.removeEventListener('abort', onAbort);
-        resolve(v);
-      },
-      (e: unknown) => {
-        signal.removeEventListener('abort', onAbort);
-        reject(e);
-      },
-    );
-  });
-}
-
-async function forEachLimit<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  const worker = async () => {
-    while (next < items.length) await fn(items[next++]!);
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
 }

@@ -557,13 +557,7 @@ export class FallbackStore implements BlobStore {
       void this.#journal.delete(job.key, job.seq).catch(() => {});
       return 'vanished';
     }
-    try {
-      await this.#primary.put(job.digest, stream, { signal });
-      this.#breaker.recordSuccess();
-    } catch (err) {
-      if (!signal.aborted) this.#breaker.recordFailure(err);
-      throw withPrefix('primary', err);
-    }
+    await this.#copyToPrimary(job.digest, stream, signal);
     // Only now, with the primary holding the blob, does the entry go. The
     // removal need not be durable before we go on: losing it to a crash only
     // means one more (idempotent) replay after the restart.
@@ -581,14 +575,19 @@ export class FallbackStore implements BlobStore {
       if (isCode(err, Code.NotFound)) return 'vanished';
       throw withPrefix('secondary', err);
     }
+    await this.#copyToPrimary(job.digest, stream, signal);
+    return 'done';
+  }
+
+  /** The last step of a replay or repair; its outcome feeds the primary's breaker. */
+  async #copyToPrimary(digest: Digest, stream: AsyncIterable<Uint8Array>, signal: AbortSignal): Promise<void> {
     try {
-      await this.#primary.put(job.digest, stream, { signal });
+      await this.#primary.put(digest, stream, { signal });
       this.#breaker.recordSuccess();
     } catch (err) {
       if (!signal.aborted) this.#breaker.recordFailure(err);
       throw withPrefix('primary', err);
     }
-    return 'done';
   }
 
   #pumpAll(): void {

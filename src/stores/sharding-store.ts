@@ -1,10 +1,10 @@
-import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { open, rename, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Code, ConnectError } from '@connectrpc/connect';
 import type { Logger } from 'pino';
+import { abortable, mapLimit } from '../concurrency.ts';
 import type { Digest } from '../digest.ts';
 import { digestKey, digestOf, digestString, parseDigest } from '../digest.ts';
+import { DurableLog, type DurableLogFormat, type LogEntry } from '../durable-log.ts';
 import { isCode, isInfrastructureError, notFound, throwIfAborted, toConnectError, withPrefix } from '../errors.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
 import { CircuitBreaker, type BreakerTransition, type CircuitBreakerOptions } from './circuit-breaker.ts';
@@ -70,10 +70,11 @@ interface Shard {
   checking: Promise<void> | null;
 }
 
+/** A pending handoff, keyed in the hint log by hintKey(digest, standIn). */
 interface Hint {
   readonly digest: Digest;
   /** The shard the blob belongs to (top of the ranking, whatever its state). */
-  owner: string;
+  readonly owner: string;
   /** The shard that holds it until the handoff copies it to the owner. */
   readonly standIn: string;
 }
@@ -131,13 +132,15 @@ const PROBE_DIGEST = digestOf(new TextEncoder().encode('reapi-edge shard health 
  * findMissing() (for which "missing" is always safe) reports it missing.
  * The catch: a drained shard's blobs are unreachable until it is undrained.
  *
+ * Build it with ShardingStore.open(), which loads the hint log.
+ *
  * Config: `{"sharding": {"shards": [{"name": "a", "weight": 1, "store": {...}}],
  *   "handoff": {"dir": "/var/lib/reapi-edge/hints-cas"}}}`
  */
 export class ShardingStore implements BlobStore {
   readonly #shards: Shard[];
   readonly #byName = new Map<string, Shard>();
-  readonly #hints: HintLog;
+  readonly #hints: DurableLog<Hint>;
   readonly #log: Logger | undefined;
   readonly #now: () => number;
   readonly #probeDepth: number;
@@ -154,14 +157,16 @@ export class ShardingStore implements BlobStore {
   #handoffRun: Promise<void> | null = null;
   #handoffAgain = false;
   #closing: Promise<void> | null = null;
+  // Hint slots claimed by stand-in writes in flight (see #reserveHint).
+  #hintsReserved = 0;
   #hintOverflows = 0;
   #handoffCopied = 0;
   #handoffLost = 0;
   #probeHits = 0;
   #retries = 0;
 
-  constructor(opts: ShardingStoreOptions) {
-    validateShards(opts.shards);
+  private constructor(opts: ShardingStoreOptions, hints: DurableLog<Hint>) {
+    this.#hints = hints;
     this.#log = opts.logger;
     this.#now = opts.now ?? Date.now;
     this.#probeDepth = Math.max(0, Math.floor(opts.probeDepth ?? 2));
@@ -191,24 +196,31 @@ export class ShardingStore implements BlobStore {
       return shard;
     });
 
-    // Hints are re-targeted to the current ranking: after a config change the
-    // blob belongs to whoever is top-ranked now; a hint whose stand-in is gone
-    // or is now the owner has nothing left to do.
-    this.#hints = new HintLog(opts.handoff.dir, Math.max(1, opts.handoff.maxHints ?? 100_000), (h) => {
-      if (!this.#byName.has(h.standIn)) return null;
-      const owner = this.#ranked(h.digest)[0]!.name;
-      return owner === h.standIn ? null : { ...h, owner };
-    });
-    if (this.#hints.dropped > 0) {
-      this.#log?.warn({ dropped: this.#hints.dropped }, 'hint log: dropped unreadable or obsolete hints');
-    }
-
     const interval = Math.max(1, opts.healthCheckIntervalMs ?? 1000);
     for (const shard of this.#shards) {
       this.#timers.push(setInterval(() => this.#runCheck(shard), interval).unref());
     }
     const handoffInterval = Math.max(1, opts.handoff.intervalMs ?? 1000);
     this.#timers.push(setInterval(() => this.#kickHandoff(), handoffInterval).unref());
+  }
+
+  /** Loads the hint log from `handoff.dir`, then builds the store. */
+  static async open(opts: ShardingStoreOptions): Promise<ShardingStore> {
+    validateShards(opts.shards);
+    const hints = await DurableLog.open<Hint>(join(opts.handoff.dir, HINT_FILE), {
+      maxEntries: Math.max(1, opts.handoff.maxHints ?? 100_000),
+      // Compact as soon as dead records outnumber live ones, so a log whose
+      // handoffs are all done shrinks to nothing.
+      compactMinRecords: 1,
+      format: HINT_FORMAT,
+    });
+    try {
+      await retargetHints(hints, opts.shards, opts.logger);
+    } catch (err) {
+      await hints.close().catch(() => {});
+      throw err;
+    }
+    return new ShardingStore(opts, hints);
   }
 
   async findMissing(digests: readonly Digest[], opts?: CallOptions): Promise<Digest[]> {
@@ -316,8 +328,8 @@ export class ShardingStore implements BlobStore {
     try {
       let target = candidates[0]!;
       for (let attempt = 0; ; attempt++) {
-        const needsHint = target !== owner && !this.#hints.has(digest, target.name);
-        if (needsHint && !this.#hints.reserve()) {
+        const needsHint = target !== owner && !this.#hints.has(hintKey(digest, target.name));
+        if (needsHint && !this.#reserveHint()) {
           this.#hintOverflows++;
           throw new ConnectError(
             `blob ${digestString(digest)} belongs to shard ${owner.name}, which cannot take it now, and the hint log ` +
@@ -328,7 +340,7 @@ export class ShardingStore implements BlobStore {
         try {
           await this.#call(target, signal, (s) => target.store.put(digest, this.#writeStream(target, source.stream()), { signal: s }));
         } catch (err) {
-          if (needsHint) this.#hints.release();
+          if (needsHint) this.#hintsReserved--;
           throwIfAborted(signal);
           const next = candidates[attempt + 1];
           if (attempt === 0 && isInfrastructureError(err) && !this.#isForeign(err) && source.replayable && next !== undefined) {
@@ -341,8 +353,9 @@ export class ShardingStore implements BlobStore {
           throw this.#isForeign(err) ? toConnectError(err) : withPrefix(`shard ${target.name}`, err);
         }
         if (needsHint) {
+          this.#hintsReserved--;
           try {
-            await this.#hints.add({ digest, owner: owner.name, standIn: target.name });
+            await this.#hints.append(hintKey(digest, target.name), { digest, owner: owner.name, standIn: target.name });
           } catch (err) {
             throw new ConnectError(
               `blob ${digestString(digest)} stored on shard ${target.name}, but its hint could not be made durable: ${toConnectError(err).message}`,
@@ -370,8 +383,12 @@ export class ShardingStore implements BlobStore {
   }
 
   describe(): StoreDescription {
-    const byOwner = this.#hints.countBy('owner');
-    const byStandIn = this.#hints.countBy('standIn');
+    const byOwner = new Map<string, number>();
+    const byStandIn = new Map<string, number>();
+    for (const { value: h } of this.#hints.entries()) {
+      byOwner.set(h.owner, (byOwner.get(h.owner) ?? 0) + 1);
+      byStandIn.set(h.standIn, (byStandIn.get(h.standIn) ?? 0) + 1);
+    }
     return {
       kind: 'sharding',
       shards: this.#shards.map((s) => {
@@ -399,7 +416,7 @@ export class ShardingStore implements BlobStore {
         };
       }),
       hintsPending: this.#hints.size,
-      maxHints: this.#hints.max,
+      maxHints: this.#hints.maxEntries,
       hintOverflows: this.#hintOverflows,
       handoffCopied: this.#handoffCopied,
       handoffLost: this.#handoffLost,
@@ -421,6 +438,16 @@ export class ShardingStore implements BlobStore {
     await Promise.allSettled([this.#handoffRun, ...this.#shards.map((s) => s.checking)]);
     await this.#hints.close();
     await Promise.all(this.#shards.map((s) => s.store.close()));
+  }
+
+  /**
+   * Claims room for one more hint before a stand-in write, so that its hint
+   * can always be recorded once the write succeeds; false when full.
+   */
+  #reserveHint(): boolean {
+    if (this.#hints.size + this.#hintsReserved >= this.#hints.maxEntries) return false;
+    this.#hintsReserved++;
+    return true;
   }
 
   #checkOpen(): void {
@@ -460,13 +487,16 @@ export class ShardingStore implements BlobStore {
    * shards by rank. `unreachable` lists hinted stand-ins not taking traffic.
    */
   #readPlan(digest: Digest, avail: Set<Shard>, probing: boolean): { plan: Shard[]; unreachable: string[] } {
-    const ranked = this.#ranked(digest).filter((s) => avail.has(s));
+    const all = this.#ranked(digest);
+    const ranked = all.filter((s) => avail.has(s));
     const plan = [ranked[0]!];
     const unreachable: string[] = [];
-    for (const name of this.#hints.standInsFor(digest)) {
-      const shard = this.#byName.get(name)!;
-      if (!avail.has(shard)) unreachable.push(name);
-      else if (!plan.includes(shard)) plan.push(shard);
+    if (this.#hints.size > 0) {
+      for (const shard of all) {
+        if (!this.#hints.has(hintKey(digest, shard.name))) continue;
+        if (!avail.has(shard)) unreachable.push(shard.name);
+        else if (!plan.includes(shard)) plan.push(shard);
+      }
     }
     if (probing) {
       for (const shard of ranked.slice(1, 1 + this.#probeDepth)) {
@@ -553,7 +583,7 @@ export class ShardingStore implements BlobStore {
       let error: string | null = null;
       try {
         // Race the signal too: a check that ignores it must still time out.
-        await Promise.race([shard.check(signal), aborted(signal)]);
+        await abortable(shard.check(signal), signal);
       } catch (err) {
         error = timeout.aborted ? `health check timed out after ${this.#healthTimeoutMs} ms` : toConnectError(err).message;
       }
@@ -583,22 +613,20 @@ export class ShardingStore implements BlobStore {
   }
 
   async #handoffRound(): Promise<void> {
-    const ready = this.#hints.pending().filter((h) => {
+    const ready = [...this.#hints.entries()].filter(({ value: h }) => {
       const owner = this.#byName.get(h.owner);
       const standIn = this.#byName.get(h.standIn);
       return owner !== undefined && standIn !== undefined && owner.breaker.allowsTraffic() && standIn.breaker.allowsTraffic();
     });
-    let i = 0;
-    const worker = async () => {
-      while (i < ready.length && !this.#closer.signal.aborted) await this.#handOff(ready[i++]!);
-    };
-    await Promise.all(Array.from({ length: Math.min(this.#handoffConcurrency, ready.length) }, worker));
+    await mapLimit(ready, this.#handoffConcurrency, (e) => this.#handOff(e));
   }
 
-  async #handOff(h: Hint): Promise<void> {
+  /** Copies one hinted blob to its owner; never rejects. */
+  async #handOff({ key, seq, value: h }: LogEntry<Hint>): Promise<void> {
+    const signal = this.#closer.signal;
+    if (signal.aborted) return;
     const owner = this.#byName.get(h.owner)!;
     const standIn = this.#byName.get(h.standIn)!;
-    const signal = this.#closer.signal;
     const what = { digest: digestString(h.digest), owner: owner.name, standIn: standIn.name };
     try {
       const missing = await this.#call(owner, signal, (s) => owner.store.findMissing([h.digest], { signal: s }));
@@ -622,7 +650,8 @@ export class ShardingStore implements BlobStore {
       this.#log?.warn({ ...what, err: toConnectError(err).message }, 'handoff: giving up on hinted blob');
     }
     try {
-      await this.#hints.complete(h);
+      // Only this version: a write that hinted the blob again meanwhile keeps its hint.
+      await this.#hints.delete(key, seq);
     } catch (err) {
       this.#log?.error({ err: toConnectError(err).message }, 'hint log: could not record a completed handoff');
     }
@@ -640,14 +669,6 @@ function groupByNext(entries: Iterable<MissingEntry>): Map<Shard, MissingEntry[]
     else group.push(e);
   }
   return groups;
-}
-
-async function aborted(signal: AbortSignal): Promise<never> {
-  return new Promise((_, reject) => {
-    const fail = () => reject(signal.reason);
-    if (signal.aborted) fail();
-    else signal.addEventListener('abort', fail, { once: true });
-  });
 }
 
 /**
@@ -721,240 +742,53 @@ class ReplayableChunks {
 
 const HINT_FILE = 'hints.jsonl';
 
+function hintKey(digest: Digest, standIn: string): string {
+  return `${digestKey(digest)} ${standIn}`;
+}
+
 /**
- * The durable hint log: an append-only JSON-lines file of {"op":"add"|"done",
- * hash, size, owner, standIn}. Adds are fsync'd before they resolve; appends
- * queued meanwhile share one write and one fsync (group commit). "done" lines
- * are not fsync'd on their own: losing one only repeats an idempotent copy.
- * Replaying the file gives the pending hints; the file is rewritten (to a
- * temp file, fsync, rename) once completed entries outnumber pending ones,
- * and when it is loaded.
+ * The hint log's lines: {"op":"add"|"done", hash, size, owner, standIn}, no
+ * sequence numbers (see DurableLogFormat).
  */
-class HintLog {
-  readonly max: number;
-  readonly dropped: number;
-  readonly #dir: string;
-  readonly #path: string;
-  // digestKey -> standIn -> hint: reads look up their digest's stand-ins.
-  readonly #hints = new Map<string, Map<string, Hint>>();
-  #size = 0;
-  readonly #queue: { line: string; durable: boolean; resolve: () => void; reject: (err: unknown) => void }[] = [];
-  #reserved = 0;
-  #linesInFile: number;
-  #handle: Promise<FileHandle> | null = null;
-  #writer: Promise<void> | null = null;
-  #closed = false;
-
-  /** Loads the log synchronously (startup only); `fix` re-targets or drops loaded hints. */
-  constructor(dir: string, max: number, fix: (h: Hint) => Hint | null) {
-    this.max = max;
-    this.#dir = dir;
-    this.#path = join(dir, HINT_FILE);
-    mkdirSync(dir, { recursive: true });
-    let text = '';
-    try {
-      text = readFileSync(this.#path, 'utf8');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-    }
-    let dropped = 0;
-    for (const line of text.split('\n')) {
-      if (line.trim() === '') continue;
-      const entry = parseLine(line);
-      if (entry === null) {
-        dropped++; // e.g. a line torn by a crash mid-append
-        continue;
-      }
-      if (entry.op === 'add') this.#set(entry.hint);
-      else this.#delete(entry.hint);
-    }
-    for (const h of this.pending()) {
-      const fixed = fix(h);
-      if (fixed === null) {
-        this.#delete(h);
-        dropped++;
-      } else {
-        h.owner = fixed.owner;
-      }
-    }
-    this.dropped = dropped;
-    // Start from a compact file.
-    const tmp = `${this.#path}.tmp`;
-    writeFileSync(tmp, this.#snapshot());
-    const fd = openSync(tmp, 'r+');
-    fsyncSync(fd);
-    closeSync(fd);
-    renameSync(tmp, this.#path);
-    syncDir(dir);
-    this.#linesInFile = this.#size;
-  }
-
-  get size(): number {
-    return this.#size;
-  }
-
-  has(digest: Digest, standIn: string): boolean {
-    return this.#hints.get(digestKey(digest))?.has(standIn) ?? false;
-  }
-
-  /** Claims room for one more hint; false when the log is full. */
-  reserve(): boolean {
-    if (this.#size + this.#reserved >= this.max) return false;
-    this.#reserved++;
-    return true;
-  }
-
-  release(): void {
-    this.#reserved--;
-  }
-
-  /** Records a hint (after reserve()); resolves once it is on disk. */
-  add(h: Hint): Promise<void> {
-    this.#reserved--;
-    this.#set(h);
-    return this.#append(lineOf('add', h), true).catch((err: unknown) => {
-      this.#delete(h);
-      throw err;
-    });
-  }
-
-  /** Forgets a hint whose blob reached its owner (or is beyond saving). */
-  complete(h: Hint): Promise<void> {
-    // A newer add for the same digest and stand-in replaced it: keep that one.
-    if (this.#hints.get(digestKey(h.digest))?.get(h.standIn) !== h) return Promise.resolve();
-    this.#delete(h);
-    return this.#append(lineOf('done', h), false);
-  }
-
-  standInsFor(digest: Digest): string[] {
-    const byStandIn = this.#hints.get(digestKey(digest));
-    return byStandIn === undefined ? [] : [...byStandIn.keys()];
-  }
-
-  pending(): Hint[] {
-    const out: Hint[] = [];
-    for (const byStandIn of this.#hints.values()) out.push(...byStandIn.values());
-    return out;
-  }
-
-  countBy(field: 'owner' | 'standIn'): Map<string, number> {
-    const counts = new Map<string, number>();
-    for (const byStandIn of this.#hints.values()) {
-      for (const h of byStandIn.values()) counts.set(h[field], (counts.get(h[field]) ?? 0) + 1);
-    }
-    return counts;
-  }
-
-  async close(): Promise<void> {
-    this.#closed = true;
-    while (this.#writer !== null) await this.#writer;
-    if (this.#handle !== null) {
-      const handle = await this.#handle.catch(() => null);
-      this.#handle = null;
-      await handle?.close();
-    }
-  }
-
-  #set(h: Hint): void {
-    const key = digestKey(h.digest);
-    let byStandIn = this.#hints.get(key);
-    if (byStandIn === undefined) this.#hints.set(key, (byStandIn = new Map()));
-    if (!byStandIn.has(h.standIn)) this.#size++;
-    byStandIn.set(h.standIn, h);
-  }
-
-  #delete(h: Hint): void {
-    const key = digestKey(h.digest);
-    const byStandIn = this.#hints.get(key);
-    if (byStandIn?.delete(h.standIn) !== true) return;
-    this.#size--;
-    if (byStandIn.size === 0) this.#hints.delete(key);
-  }
-
-  #append(line: string, durable: boolean): Promise<void> {
-    if (this.#closed) return Promise.reject(new ConnectError('hint log is closed', Code.Unavailable));
-    return new Promise((resolve, reject) => {
-      this.#queue.push({ line, durable, resolve, reject });
-      this.#writer ??= this.#write().finally(() => {
-        this.#writer = null;
-      });
-    });
-  }
-
-  async #write(): Promise<void> {
-    while (this.#queue.length > 0) {
-      const batch = this.#queue.splice(0);
-      try {
-        this.#handle ??= open(this.#path, 'a');
-        const handle = await this.#handle;
-        await handle.appendFile(batch.map((b) => b.line).join(''));
-        if (batch.some((b) => b.durable)) await handle.datasync();
-        this.#linesInFile += batch.length;
-        for (const b of batch) b.resolve();
-      } catch (err) {
-        const broken = this.#handle;
-        this.#handle = null; // reopen on the next batch
-        broken?.then((h) => h.close()).catch(() => {});
-        for (const b of batch) b.reject(err);
-      }
-      const dead = this.#linesInFile - this.#size;
-      if (dead > 0 && (this.#size === 0 || dead >= Math.max(64, this.#size))) {
-        await this.#compact().catch(() => {}); // appending to the long file is still correct
-      }
-    }
-  }
-
-  // Runs inside the writer, so no append interleaves. The map may be ahead of
-  // the file (queued lines); replaying those lines after the snapshot is
-  // harmless, since add and done are idempotent per key.
-  async #compact(): Promise<void> {
-    const tmp = `${this.#path}.tmp`;
-    const out = await open(tmp, 'w');
-    try {
-      await out.writeFile(this.#snapshot());
-      await out.sync();
-    } finally {
-      await out.close();
-    }
-    await rename(tmp, this.#path);
-    syncDir(this.#dir);
-    const old = this.#handle;
-    this.#handle = open(this.#path, 'a');
-    await (await old?.catch(() => null))?.close();
-    this.#linesInFile = this.#size;
-  }
-
-  #snapshot(): string {
-    let text = '';
-    for (const h of this.pending()) text += lineOf('add', h);
-    return text;
-  }
-}
-
-function lineOf(op: 'add' | 'done', h: Hint): string {
-  return `${JSON.stringify({ op, hash: h.digest.hash, size: h.digest.size, owner: h.owner, standIn: h.standIn })}\n`;
-}
-
-function parseLine(line: string): { op: 'add' | 'done'; hint: Hint } | null {
-  try {
+const HINT_FORMAT: DurableLogFormat<Hint> = {
+  put: (e) => hintLine('add', e.value),
+  delete: (e) => hintLine('done', e.value),
+  decode(line) {
     const v = JSON.parse(line) as Record<string, unknown>;
-    if ((v.op !== 'add' && v.op !== 'done') || typeof v.owner !== 'string' || typeof v.standIn !== 'string') return null;
+    if ((v.op !== 'add' && v.op !== 'done') || typeof v.owner !== 'string' || typeof v.standIn !== 'string') {
+      return 'not a hint';
+    }
     const digest = parseDigest(String(v.hash), Number(v.size));
-    return { op: v.op, hint: { digest, owner: v.owner, standIn: v.standIn } };
-  } catch {
-    return null;
-  }
+    const key = hintKey(digest, v.standIn);
+    return v.op === 'add' ? { key, value: { digest, owner: v.owner, standIn: v.standIn } } : { key, deleted: true };
+  },
+};
+
+function hintLine(op: 'add' | 'done', h: Hint): string {
+  return JSON.stringify({ op, hash: h.digest.hash, size: h.digest.size, owner: h.owner, standIn: h.standIn });
 }
 
-// Makes a rename durable: the directory entry must reach the disk too.
-function syncDir(dir: string): void {
-  let fd: number | undefined;
-  try {
-    fd = openSync(dir, 'r');
-    fsyncSync(fd);
-  } catch {
-    // Some platforms cannot fsync a directory; the rename is still atomic.
-  } finally {
-    if (fd !== undefined) closeSync(fd);
+/**
+ * Re-targets loaded hints to the current ranking: after a config change a
+ * blob belongs to whoever is top-ranked now; a hint whose stand-in is gone or
+ * is now the owner has nothing left to do.
+ */
+async function retargetHints(hints: DurableLog<Hint>, shards: readonly ShardOptions[], log: Logger | undefined): Promise<void> {
+  const names = new Set(shards.map((s) => s.name));
+  const writes: Promise<unknown>[] = [];
+  let dropped = 0;
+  for (const { key, value: h } of [...hints.entries()]) {
+    const owner = rank(h.digest.hash, shards)[0]!;
+    if (!names.has(h.standIn) || owner === h.standIn) {
+      dropped++;
+      writes.push(hints.delete(key));
+    } else if (owner !== h.owner) {
+      writes.push(hints.append(key, { ...h, owner }));
+    }
   }
+  const { tornTailBytes } = hints.stats();
+  if (dropped > 0 || tornTailBytes > 0) {
+    log?.warn({ dropped, tornTailBytes }, 'hint log: dropped a torn tail or obsolete hints');
+  }
+  await Promise.all(writes);
 }

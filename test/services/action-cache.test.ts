@@ -13,6 +13,7 @@ import type { BlobStore } from '../../src/stores/blob-store.ts';
 import { CompletenessCheckingStore } from '../../src/stores/completeness-checking-store.ts';
 import { MemoryStore } from '../../src/stores/memory-store.ts';
 import { once } from '../../src/streams.ts';
+import { failure } from '../helpers/failure.ts';
 
 const enc = new TextEncoder();
 
@@ -35,15 +36,6 @@ function setup(opts: { completenessChecking?: boolean } = {}): {
     router.service(ActionCache, service);
   });
   return { client: createClient(ActionCache, transport), cas, acBackend };
-}
-
-async function failure(p: Promise<unknown>): Promise<ConnectError> {
-  try {
-    await p;
-  } catch (err) {
-    return ConnectError.from(err);
-  }
-  throw new Error('expected the call to fail');
 }
 
 async function putBlob(cas: BlobStore, data: Uint8Array): Promise<Digest> {

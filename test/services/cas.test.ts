@@ -17,6 +17,7 @@ import { createCasService } from '../../src/services/cas.ts';
 import type { BlobStore, CallOptions, GetOptions } from '../../src/stores/blob-store.ts';
 import { MemoryStore } from '../../src/stores/memory-store.ts';
 import { once } from '../../src/streams.ts';
+import { failure } from '../helpers/failure.ts';
 
 const enc = new TextEncoder();
 
@@ -43,15 +44,6 @@ async function putBlob(cas: BlobStore, data: Uint8Array): Promise<Digest> {
   const d = digestOf(data);
   await cas.put(d, once(data));
   return d;
-}
-
-async function failure(p: Promise<unknown>): Promise<ConnectError> {
-  try {
-    await p;
-  } catch (err) {
-    return ConnectError.from(err);
-  }
-  throw new Error('expected the call to fail');
 }
 
 const HASH_A = 'a'.repeat(64);

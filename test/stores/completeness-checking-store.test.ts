@@ -10,6 +10,7 @@ import type { BlobStore } from '../../src/stores/blob-store.ts';
 import { CompletenessCheckingStore } from '../../src/stores/completeness-checking-store.ts';
 import { MemoryStore } from '../../src/stores/memory-store.ts';
 import { collect, once } from '../../src/streams.ts';
+import { failure } from '../helpers/failure.ts';
 
 const enc = new TextEncoder();
 const action = digestOf(enc.encode('action'));
@@ -34,15 +35,6 @@ async function putResult(store: BlobStore, init: MessageInitShape<typeof ActionR
   const bytes = toBinary(ActionResultSchema, create(ActionResultSchema, init));
   await store.put(action, once(bytes));
   return bytes;
-}
-
-async function failure(p: Promise<unknown>): Promise<ConnectError> {
-  try {
-    await p;
-  } catch (err) {
-    return ConnectError.from(err);
-  }
-  throw new Error('expected the call to fail');
 }
 
 /** Asserts the result is hidden by both get() and findMissing(), with this message. */

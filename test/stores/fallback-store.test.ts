@@ -14,6 +14,7 @@ import { MemoryStore } from '../../src/stores/memory-store.ts';
 import { collect, once } from '../../src/streams.ts';
 import { FaultyStore } from '../helpers/faulty-store.ts';
 import { SwappableStore } from '../helpers/swappable-store.ts';
+import { failure } from '../helpers/failure.ts';
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -112,15 +113,6 @@ async function waitFor(cond: () => boolean | Promise<boolean>, what: string, tim
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await sleep(5);
   }
-}
-
-async function failure(p: Promise<unknown>): Promise<ConnectError> {
-  try {
-    await p;
-  } catch (err) {
-    return ConnectError.from(err);
-  }
-  throw new Error('expected the call to fail');
 }
 
 /** Yields `data` as several chunks, so a store can fail after the first. */

@@ -26,7 +26,7 @@ interface Cluster {
  * Three MemoryStore shards behind fault injectors, with intervals of tens of
  * ms. `inner` reuses existing memory stores (an edge restart).
  */
-function cluster(
+async function cluster(
   t: Test,
   opts: Omit<Partial<ShardingStoreOptions>, 'handoff'> & {
     dir?: string;
@@ -34,7 +34,7 @@ function cluster(
     inner?: Map<string, MemoryStore>;
     contentAddressed?: boolean;
   } = {},
-): Cluster {
+): Promise<Cluster> {
   const { dir: givenDir, inner, handoff, breaker, contentAddressed, ...rest } = opts;
   const dir = givenDir ?? tempDir(t);
   const shards = new Map(
@@ -47,7 +47,7 @@ function cluster(
   );
   const logs: Cluster['logs'] = [];
   const logger = pino({ level: 'debug' }, { write: (line: string) => void logs.push(JSON.parse(line)) });
-  const store = new ShardingStore({
+  const store = await ShardingStore.open({
     shards: NAMES.map((name) => ({ name, weight: 1, store: shards.get(name)!, check: shards.get(name)!.check })),
     handoff: { intervalMs: 20, ...handoff, dir },
     healthCheckIntervalMs: 20,
@@ -145,7 +145,7 @@ async function rejection(p: Promise<unknown>): Promise<ConnectError> {
 const noHealthChecks = { healthCheckIntervalMs: 3_600_000 };
 
 t.test('routing is stable: every blob lands on its top-ranked shard and reads back', async (t) => {
-  const c = cluster(t);
+  const c = await cluster(t);
   const blobs = Array.from({ length: 60 }, (_, i) => blob(i));
   for (const b of blobs) await c.store.put(b.digest, once(b.data));
   const owned = new Map<string, number>();
@@ -161,7 +161,7 @@ t.test('routing is stable: every blob lands on its top-ranked shard and reads ba
 });
 
 t.test('owner failing while its breaker is closed: retried on the next shard, no client error', async (t) => {
-  const c = cluster(t, { ...noHealthChecks, handoff: { intervalMs: 3_600_000 } });
+  const c = await cluster(t, { ...noHealthChecks, handoff: { intervalMs: 3_600_000 } });
   const b = blobRanked(['a', 'b']);
   c.shards.get('a')!.mode = 'unavailable';
 
@@ -178,7 +178,7 @@ t.test('owner failing while its breaker is closed: retried on the next shard, no
 });
 
 t.test('breaker opens after the failure threshold and traffic moves off the shard', async (t) => {
-  const c = cluster(t, noHealthChecks);
+  const c = await cluster(t, noHealthChecks);
   const a = c.shards.get('a')!;
   a.mode = 'unavailable';
   const blobs = blobsRanked(['a'], 5);
@@ -194,7 +194,7 @@ t.test('breaker opens after the failure threshold and traffic moves off the shar
 });
 
 t.test('failing health checks open a breaker before any client asks', async (t) => {
-  const c = cluster(t);
+  const c = await cluster(t);
   c.shards.get('b')!.mode = 'unavailable';
   await waitFor('b open', () => shardState(c, 'b').state === 'open');
   t.equal(shardState(c, 'b').reason, '2 failed health checks, last: [unavailable] injected fault: shard is down');
@@ -205,7 +205,7 @@ t.test('failing health checks open a breaker before any client asks', async (t) 
 });
 
 t.test('a blackholed shard is caught by the health-check timeout', async (t) => {
-  const c = cluster(t);
+  const c = await cluster(t);
   const b = c.shards.get('b')!;
   b.mode = 'blackhole';
   await waitFor('b open', () => shardState(c, 'b').state === 'open');
@@ -221,7 +221,7 @@ t.test('a blackholed shard is caught by the health-check timeout', async (t) => 
 });
 
 t.test('half-open: health checks probe it, no client traffic, M successes close it; flapping grows the backoff', async (t) => {
-  const c = cluster(t);
+  const c = await cluster(t);
   const a = c.shards.get('a')!;
   const x = blobRanked(['a']);
   a.mode = 'unavailable';
@@ -257,7 +257,7 @@ t.test('half-open: health checks probe it, no client traffic, M successes close 
 });
 
 t.test('manual drain: writes go to the stand-in with a durable hint; undrain hands them back', async (t) => {
-  const c = cluster(t);
+  const c = await cluster(t);
   const x = blobRanked(['a', 'c']);
   c.store.drain('a');
   t.match(shardState(c, 'a'), { state: 'drained', manual: true, reason: 'drained by operator' });
@@ -282,7 +282,7 @@ t.test('manual drain: writes go to the stand-in with a durable hint; undrain han
 });
 
 t.test('drain and undrain of an unknown shard fail with NOT_FOUND', async (t) => {
-  const c = cluster(t);
+  const c = await cluster(t);
   for (const f of [() => c.store.drain('zz'), () => c.store.undrain('zz')]) {
     try {
       f();
@@ -296,7 +296,7 @@ t.test('drain and undrain of an unknown shard fail with NOT_FOUND', async (t) =>
 
 t.test('the hint log survives an edge restart and the new edge completes the handoff', async (t) => {
   const dir = tempDir(t);
-  const first = cluster(t, { dir });
+  const first = await cluster(t, { dir });
   const blobs = [blobRanked(['b']), blobRanked(['b'], 1000)];
   first.store.drain('b');
   for (const x of blobs) await first.store.put(x.digest, once(x.data));
@@ -307,7 +307,7 @@ t.test('the hint log survives an edge restart and the new edge completes the han
   await first.store.close(); // idempotent
   t.equal(readFileSync(join(dir, 'hints.jsonl'), 'utf8').trim().split('\n').length, 2);
 
-  const second = cluster(t, { dir, inner });
+  const second = await cluster(t, { dir, inner });
   t.equal(second.store.describe().hintsPending, 2, 'loaded on construction');
   t.equal(shardState(second, 'b').hintsPending, 2);
   await waitFor('handoff after restart', () => second.store.describe().hintsPending === 0);
@@ -319,13 +319,36 @@ t.test('a torn last line in the hint log is skipped, not fatal', async (t) => {
   const x = blobRanked(['a', 'b']);
   const good = JSON.stringify({ op: 'add', hash: x.digest.hash, size: x.digest.size, owner: 'a', standIn: 'b' });
   const dir = tempDir(t, { 'hints.jsonl': `${good}\n{"op":"add","hash":"ab` });
-  const c = cluster(t, { dir, ...noHealthChecks, handoff: { intervalMs: 3_600_000 } });
+  const c = await cluster(t, { dir, ...noHealthChecks, handoff: { intervalMs: 3_600_000 } });
   t.equal(c.store.describe().hintsPending, 1);
   t.equal(readFileSync(join(dir, 'hints.jsonl'), 'utf8'), `${good}\n`, 'rewritten compact on load');
 });
 
+t.test('on load, hints are re-pointed at the current top shard and obsolete ones dropped, durably', async (t) => {
+  const hint = (d: Digest, owner: string, standIn: string) =>
+    JSON.stringify({ op: 'add', hash: d.hash, size: d.size, owner, standIn });
+  const stale = blobRanked(['a', 'b']); // owner recorded as c, e.g. before a config change
+  const gone = blobRanked(['b', 'a']); // its stand-in is no longer configured
+  const home = blobRanked(['c', 'a']); // its stand-in is now its owner
+  const dir = tempDir(t, {
+    'hints.jsonl': [hint(stale.digest, 'c', 'b'), hint(gone.digest, 'b', 'zz'), hint(home.digest, 'a', 'c')].join('\n') + '\n',
+  });
+  const quiet = { ...noHealthChecks, handoff: { intervalMs: 3_600_000 } };
+  const first = await cluster(t, { dir, ...quiet });
+  t.equal(first.store.describe().hintsPending, 1);
+  t.equal(shardState(first, 'a').hintsPending, 1, 're-pointed at a');
+  t.equal(shardState(first, 'c').hintsPending, 0);
+  t.equal(shardState(first, 'b').hintsHeld, 1);
+  await first.store.close();
+  t.equal(readFileSync(join(dir, 'hints.jsonl'), 'utf8'), `${hint(stale.digest, 'a', 'b')}\n`, 'made durable, then compacted');
+
+  const second = await cluster(t, { dir, ...quiet });
+  t.equal(second.store.describe().hintsPending, 1);
+  t.equal(shardState(second, 'a').hintsPending, 1);
+});
+
 t.test('NOT_FOUND on the owner probes the next shards and finds a blob on a stand-in', async (t) => {
-  const c = cluster(t, noHealthChecks);
+  const c = await cluster(t, noHealthChecks);
   const x = blobRanked(['a', 'b', 'c']);
   // Written by another edge that had a drained: here there is no hint.
   await innerOf(c, 'c').put(x.digest, once(x.data));
@@ -336,7 +359,7 @@ t.test('NOT_FOUND on the owner probes the next shards and finds a blob on a stan
 });
 
 t.test('outside the probe window a miss on the owner is final, for get and findMissing alike', async (t) => {
-  const c = cluster(t, { ...noHealthChecks, probeWindowMs: 0 });
+  const c = await cluster(t, { ...noHealthChecks, probeWindowMs: 0 });
   const x = blobRanked(['a', 'b']);
   await innerOf(c, 'b').put(x.digest, once(x.data));
   const err = await rejection(c.store.get(x.digest));
@@ -347,7 +370,7 @@ t.test('outside the probe window a miss on the owner is final, for get and findM
 });
 
 t.test('a pending hint is followed even outside the probe window', async (t) => {
-  const c = cluster(t, {
+  const c = await cluster(t, {
     ...noHealthChecks,
     probeWindowMs: 0,
     breaker: { closeAfterProbes: 1 },
@@ -369,7 +392,7 @@ t.test('a pending hint is followed even outside the probe window', async (t) => 
 });
 
 t.test('findMissing splits by owner, sends in parallel, and returns exactly the missing', async (t) => {
-  const c = cluster(t, { ...noHealthChecks, probeWindowMs: 0 });
+  const c = await cluster(t, { ...noHealthChecks, probeWindowMs: 0 });
   const present = Array.from({ length: 30 }, (_, i) => blob(i));
   const absent = Array.from({ length: 10 }, (_, i) => blob(`absent ${i}`));
   for (const b of present) await c.store.put(b.digest, once(b.data));
@@ -387,7 +410,7 @@ t.test('findMissing splits by owner, sends in parallel, and returns exactly the 
 });
 
 t.test('findMissing retries a failed group on the next shard, and the first fatal failure cancels the rest', async (t) => {
-  const c = cluster(t, { ...noHealthChecks, probeWindowMs: 0 });
+  const c = await cluster(t, { ...noHealthChecks, probeWindowMs: 0 });
   const x = blobRanked(['a', 'b']);
   await innerOf(c, 'b').put(x.digest, once(x.data));
   c.shards.get('a')!.mode = 'unavailable';
@@ -405,7 +428,7 @@ t.test('findMissing retries a failed group on the next shard, and the first fata
 });
 
 t.test('never reports present a blob that get() cannot return', async (t) => {
-  const c = cluster(t, noHealthChecks);
+  const c = await cluster(t, noHealthChecks);
   const cases = [
     { x: blobRanked(['a', 'b', 'c']), on: 'a' }, // on the owner
     { x: blobRanked(['a', 'b', 'c'], 5000), on: 'c' }, // on a probed stand-in
@@ -428,7 +451,7 @@ t.test('never reports present a blob that get() cannot return', async (t) => {
 });
 
 t.test('a read of a hinted blob whose stand-in is down is UNAVAILABLE, not NOT_FOUND', async (t) => {
-  const c = cluster(t, { ...noHealthChecks, handoff: { intervalMs: 3_600_000 } });
+  const c = await cluster(t, { ...noHealthChecks, handoff: { intervalMs: 3_600_000 } });
   const x = blobRanked(['a', 'b']);
   c.store.drain('a');
   await c.store.put(x.digest, once(x.data));
@@ -440,7 +463,7 @@ t.test('a read of a hinted blob whose stand-in is down is UNAVAILABLE, not NOT_F
 });
 
 t.test('a read whose owner fails and whose runner-up lacks the blob gets the infrastructure error', async (t) => {
-  const c = cluster(t, { ...noHealthChecks, probeWindowMs: 0 });
+  const c = await cluster(t, { ...noHealthChecks, probeWindowMs: 0 });
   const x = blobRanked(['a', 'b']);
   await innerOf(c, 'a').put(x.digest, once(x.data));
   c.shards.get('a')!.mode = 'unavailable';
@@ -451,7 +474,7 @@ t.test('a read whose owner fails and whose runner-up lacks the blob gets the inf
 });
 
 t.test('write retry: replayable uploads move to the next shard; long ones fail for the client to retry', async (t) => {
-  const c = cluster(t, { ...noHealthChecks, maxReplayBytes: 16 });
+  const c = await cluster(t, { ...noHealthChecks, maxReplayBytes: 16 });
   const a = c.shards.get('a')!;
   a.failPutMidStream = true;
   const small = blobRanked(['a', 'b']);
@@ -476,7 +499,7 @@ t.test('write retry: replayable uploads move to the next shard; long ones fail f
 });
 
 t.test('a failure of the client\'s own upload stream is not blamed on the shard', async (t) => {
-  const c = cluster(t, noHealthChecks);
+  const c = await cluster(t, noHealthChecks);
   const x = blobRanked(['a']);
   async function* broken() {
     yield x.data.subarray(0, 2);
@@ -490,7 +513,7 @@ t.test('a failure of the client\'s own upload stream is not blamed on the shard'
 });
 
 t.test('hint overflow: writes that would need a hint are refused with UNAVAILABLE and counted', async (t) => {
-  const c = cluster(t, { ...noHealthChecks, handoff: { maxHints: 2, intervalMs: 3_600_000 } });
+  const c = await cluster(t, { ...noHealthChecks, handoff: { maxHints: 2, intervalMs: 3_600_000 } });
   c.store.drain('a');
   const xs = blobsRanked(['a'], 3);
   await c.store.put(xs[0]!.digest, once(xs[0]!.data));
@@ -509,7 +532,7 @@ t.test('hint overflow: writes that would need a hint are refused with UNAVAILABL
 });
 
 t.test('zero lost blobs: N writes while a shard is down are all readable and present after it returns', async (t) => {
-  const c = cluster(t);
+  const c = await cluster(t);
   const a = c.shards.get('a')!;
   a.mode = 'unavailable';
   await waitFor('a open', () => shardState(c, 'a').state === 'open');
@@ -531,7 +554,7 @@ t.test('zero lost blobs: N writes while a shard is down are all readable and pre
 });
 
 t.test('the AC tree routes the same way (key: the action digest hash)', async (t) => {
-  const c = cluster(t, { ...noHealthChecks, contentAddressed: false });
+  const c = await cluster(t, { ...noHealthChecks, contentAddressed: false });
   const action = blobRanked(['c', 'a']).digest;
   const result = new TextEncoder().encode('an ActionResult');
   c.store.drain('c');
@@ -541,7 +564,7 @@ t.test('the AC tree routes the same way (key: the action digest hash)', async (t
 });
 
 t.test('cancelling a call aborts the shard call and does not count against the shard', async (t) => {
-  const c = cluster(t, noHealthChecks);
+  const c = await cluster(t, noHealthChecks);
   const x = blobRanked(['a']);
   c.shards.get('a')!.mode = 'blackhole';
   const ctl = new AbortController();
@@ -555,7 +578,7 @@ t.test('cancelling a call aborts the shard call and does not count against the s
 });
 
 t.test('describe reports shard state, hints and children; close is idempotent and final', async (t) => {
-  const c = cluster(t, noHealthChecks);
+  const c = await cluster(t, noHealthChecks);
   const x = blobRanked(['a']);
   await c.store.put(x.digest, once(x.data));
   await read(c.store, x.digest);

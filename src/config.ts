@@ -1,0 +1,279 @@
+import { readFile } from 'node:fs/promises';
+import { isIP } from 'node:net';
+import { dirname, resolve } from 'node:path';
+
+/**
+ * The process configuration (config.json), validated. Every error names the
+ * offending field by its path, e.g.
+ * `config.cas.disk.maxSizeBytes: expected a positive integer, got -1`.
+ *
+ * Validation is hand-written rather than done with a schema library: the
+ * schema is small, recursive (stores nest) and its "exactly one key names the
+ * kind" unions are where libraries give their vaguest messages.
+ *
+ * Example (the default config.json):
+ * ```json
+ * {
+ *   "logLevel": "info",
+ *   "listen": "127.0.0.1:8980",
+ *   "maxBatchTotalSizeBytes": 4128768,
+ *   "cas": { "disk": { "path": "data/cas", "maxSizeBytes": 10737418240 } },
+ *   "ac": { "completenessChecking": { "backend": { "disk": { "path": "data/ac", "maxSizeBytes": 1073741824 } } } }
+ * }
+ * ```
+ */
+export interface NodeConfig {
+  readonly logLevel: LogLevel;
+  /** Where gRPC (HTTP/2 cleartext) and Connect/JSON (HTTP/1.1) are served, on one port. */
+  readonly listen: ListenAddress;
+  /** The admin surface; accepted now, served by a later issue. */
+  readonly admin?: AdminConfig | undefined;
+  /** Largest sum of blob sizes in one BatchUpdateBlobs/BatchReadBlobs call. */
+  readonly maxBatchTotalSizeBytes: number;
+  readonly cas: StoreConfig;
+  readonly ac: StoreConfig;
+}
+
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
+export interface ListenAddress {
+  readonly host: string;
+  /** 0 picks a free port. */
+  readonly port: number;
+}
+
+export interface AdminConfig {
+  readonly listen: ListenAddress;
+  readonly token?: string | undefined;
+}
+
+/**
+ * Default batch limit: 4 MiB minus 64 KiB. Bazel (like every grpc-java or
+ * C-core client with default settings) rejects messages over 4 MiB, and the
+ * limit counts blob bytes only, so the headroom is for the per-blob framing
+ * (digest, status) a BatchReadBlobs response adds around the data.
+ */
+export const DEFAULT_MAX_BATCH_TOTAL_SIZE_BYTES = 4 * 1024 * 1024 - 64 * 1024;
+
+/**
+ * A node of the store tree. In config.json each node is an object with
+ * exactly one key naming its kind; here the kind becomes a `kind` tag.
+ */
+export type StoreConfig = MemoryStoreConfig | DiskStoreConfig | CompletenessCheckingStoreConfig;
+
+/** `{"memory": {"maxSizeBytes": 1073741824}}`: blobs in RAM, LRU-capped. */
+export interface MemoryStoreConfig {
+  readonly kind: 'memory';
+  readonly maxSizeBytes: number;
+}
+
+/**
+ * `{"disk": {"path": "data/cas", "maxSizeBytes": 10737418240}}`: files under
+ * `path` (relative paths resolve against the config file's directory),
+ * LRU-capped at maxSizeBytes.
+ */
+export interface DiskStoreConfig {
+  readonly kind: 'disk';
+  /** Absolute, after resolution. */
+  readonly path: string;
+  readonly maxSizeBytes: number;
+}
+
+/**
+ * AC only: `{"completenessChecking": {"backend": {...}}}` hides an
+ * ActionResult whose referenced blobs are not all readable from the CAS tree.
+ */
+export interface CompletenessCheckingStoreConfig {
+  readonly kind: 'completenessChecking';
+  readonly backend: StoreConfig;
+}
+
+/** A config that failed validation; the message starts with the field path. */
+export class ConfigError extends Error {
+  override readonly name = 'ConfigError';
+}
+
+/** Reads, parses and validates a config file. */
+export async function loadConfig(file: string): Promise<NodeConfig> {
+  const path = resolve(file);
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (err) {
+    throw new ConfigError(`cannot read config file ${path}: ${(err as Error).message}`);
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (err) {
+    throw new ConfigError(`config file ${path} is not valid JSON: ${(err as Error).message}`);
+  }
+  return parseConfig(raw, { baseDir: dirname(path) });
+}
+
+export interface ParseOptions {
+  /** Directory that relative paths resolve against (the config file's). */
+  readonly baseDir: string;
+}
+
+/** Validates an already parsed config object. */
+export function parseConfig(raw: unknown, opts: ParseOptions): NodeConfig {
+  const path = 'config';
+  const o = object(raw, path);
+  allowKeys(o, ['logLevel', 'listen', 'admin', 'maxBatchTotalSizeBytes', 'cas', 'ac'], path);
+  const logLevel = o.logLevel === undefined ? 'info' : oneOf(o.logLevel, LOG_LEVELS, `${path}.logLevel`);
+  const listen = listenAddress(required(o, 'listen', path), `${path}.listen`);
+  const admin = o.admin === undefined ? undefined : adminConfig(o.admin, `${path}.admin`);
+  const maxBatchTotalSizeBytes =
+    o.maxBatchTotalSizeBytes === undefined
+      ? DEFAULT_MAX_BATCH_TOTAL_SIZE_BYTES
+      : positiveInteger(o.maxBatchTotalSizeBytes, `${path}.maxBatchTotalSizeBytes`);
+  const cas = parseStoreConfig(required(o, 'cas', path), `${path}.cas`, { tree: 'cas', baseDir: opts.baseDir });
+  const ac = parseStoreConfig(required(o, 'ac', path), `${path}.ac`, { tree: 'ac', baseDir: opts.baseDir });
+  return { logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac };
+}
+
+export interface StoreParseContext {
+  /** Which tree the node sits in; some kinds are valid in one tree only. */
+  readonly tree: 'cas' | 'ac';
+  readonly baseDir: string;
+}
+
+type StoreParser = (value: unknown, path: string, ctx: StoreParseContext) => StoreConfig;
+
+/**
+ * One parser per store kind. A new kind costs one entry here, one interface
+ * in StoreConfig and one case in src/stores/factory.ts.
+ */
+const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
+  memory(value, path): MemoryStoreConfig {
+    const o = object(value, path);
+    allowKeys(o, ['maxSizeBytes'], path);
+    return { kind: 'memory', maxSizeBytes: positiveInteger(required(o, 'maxSizeBytes', path), `${path}.maxSizeBytes`) };
+  },
+
+  disk(value, path, ctx): DiskStoreConfig {
+    const o = object(value, path);
+    allowKeys(o, ['path', 'maxSizeBytes'], path);
+    const dir = nonEmptyString(required(o, 'path', path), `${path}.path`);
+    return {
+      kind: 'disk',
+      path: resolve(ctx.baseDir, dir),
+      maxSizeBytes: positiveInteger(required(o, 'maxSizeBytes', path), `${path}.maxSizeBytes`),
+    };
+  },
+
+  completenessChecking(value, path, ctx): CompletenessCheckingStoreConfig {
+    if (ctx.tree !== 'ac') {
+      throw new ConfigError(`${path}: completenessChecking is only valid in the ac tree`);
+    }
+    const o = object(value, path);
+    allowKeys(o, ['backend'], path);
+    return { kind: 'completenessChecking', backend: parseStoreConfig(required(o, 'backend', path), `${path}.backend`, ctx) };
+  },
+};
+
+export const STORE_KINDS: readonly string[] = Object.keys(STORE_PARSERS);
+
+/** Validates one node of a store tree (and, recursively, its children). */
+export function parseStoreConfig(value: unknown, path: string, ctx: StoreParseContext): StoreConfig {
+  const o = object(value, path);
+  const keys = Object.keys(o);
+  const expected = `an object with exactly one key naming the store kind (${STORE_KINDS.join(', ')})`;
+  if (keys.length !== 1) {
+    const got = keys.length === 0 ? 'no keys' : `keys ${keys.map((k) => JSON.stringify(k)).join(', ')}`;
+    throw new ConfigError(`${path}: expected ${expected}, got ${got}`);
+  }
+  const kind = keys[0]!;
+  const parser = Object.hasOwn(STORE_PARSERS, kind) ? STORE_PARSERS[kind] : undefined;
+  if (parser === undefined) {
+    throw new ConfigError(`${path}: unknown store kind ${JSON.stringify(kind)}, expected one of ${STORE_KINDS.join(', ')}`);
+  }
+  return parser(o[kind], `${path}.${kind}`, ctx);
+}
+
+/**
+ * Parses "host:port" or "[ipv6]:port". The host is required, so that
+ * listening on all interfaces ("0.0.0.0:8980") is always spelled out.
+ */
+export function parseListenAddress(text: string): ListenAddress | string {
+  const m = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(text);
+  if (m === null) return 'expected "host:port" (e.g. "127.0.0.1:8980" or "[::1]:8980")';
+  const host = m[1] ?? m[2]!;
+  if (m[1] !== undefined && isIP(host) !== 6) return `"${host}" is not an IPv6 address`;
+  const port = Number(m[3]);
+  if (port > 65535) return `port ${port} is out of range (0-65535)`;
+  return { host, port };
+}
+
+/** Formats an address for logs and URLs. */
+export function formatAddress(a: ListenAddress): string {
+  return isIP(a.host) === 6 ? `[${a.host}]:${a.port}` : `${a.host}:${a.port}`;
+}
+
+function listenAddress(value: unknown, path: string): ListenAddress {
+  const text = nonEmptyString(value, path);
+  const parsed = parseListenAddress(text);
+  if (typeof parsed === 'string') throw new ConfigError(`${path}: ${parsed}, got ${JSON.stringify(text)}`);
+  return parsed;
+}
+
+function adminConfig(value: unknown, path: string): AdminConfig {
+  const o = object(value, path);
+  allowKeys(o, ['listen', 'token'], path);
+  const listen = listenAddress(required(o, 'listen', path), `${path}.listen`);
+  const token = o.token === undefined ? undefined : nonEmptyString(o.token, `${path}.token`);
+  return { listen, token };
+}
+
+// --- primitive checks -------------------------------------------------------
+
+function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'an array';
+  if (typeof value === 'object') return 'an object';
+  if (typeof value === 'string') return JSON.stringify(value.length > 60 ? `${value.slice(0, 57)}...` : value);
+  return String(value);
+}
+
+function object(value: unknown, path: string): Record<string, unknown> {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw new ConfigError(`${path}: expected an object, got ${describe(value)}`);
+  }
+  return value as Record<string, unknown>;
+}
+
+function allowKeys(o: Record<string, unknown>, allowed: readonly string[], path: string): void {
+  for (const key of Object.keys(o)) {
+    if (!allowed.includes(key)) {
+      throw new ConfigError(`${path}.${key}: unknown field (allowed: ${allowed.join(', ')})`);
+    }
+  }
+}
+
+function required(o: Record<string, unknown>, key: string, path: string): unknown {
+  if (o[key] === undefined) throw new ConfigError(`${path}.${key}: required`);
+  return o[key];
+}
+
+function positiveInteger(value: unknown, path: string): number {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value <= 0) {
+    throw new ConfigError(`${path}: expected a positive integer, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function nonEmptyString(value: unknown, path: string): string {
+  if (typeof value !== 'string' || value === '') {
+    throw new ConfigError(`${path}: expected a non-empty string, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function oneOf<T extends string>(value: unknown, choices: readonly T[], path: string): T {
+  if (typeof value !== 'string' || !(choices as readonly string[]).includes(value)) {
+    throw new ConfigError(`${path}: expected one of ${choices.join(', ')}, got ${describe(value)}`);
+  }
+  return value as T;
+}

@@ -32,6 +32,20 @@ export interface NodeConfig {
   readonly maxBatchTotalSizeBytes: number;
   readonly cas: StoreConfig;
   readonly ac: StoreConfig;
+  /**
+   * Storage-node processes this process starts and supervises (the local
+   * cluster of `npm start`). Each is a whole node config of its own, run as
+   * `main.ts <this file> --child <name>`; relative paths in it resolve
+   * against this file's directory too.
+   */
+  readonly children: readonly ChildConfig[];
+}
+
+export interface ChildConfig {
+  readonly name: string;
+  /** Restart the process when it dies. Default true. */
+  readonly restart: boolean;
+  readonly config: NodeConfig;
 }
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
@@ -60,7 +74,13 @@ export const DEFAULT_MAX_BATCH_TOTAL_SIZE_BYTES = 4 * 1024 * 1024 - 64 * 1024;
  * A node of the store tree. In config.json each node is an object with
  * exactly one key naming its kind; here the kind becomes a `kind` tag.
  */
-export type StoreConfig = MemoryStoreConfig | DiskStoreConfig | CompletenessCheckingStoreConfig;
+export type StoreConfig =
+  | MemoryStoreConfig
+  | DiskStoreConfig
+  | CompletenessCheckingStoreConfig
+  | RemoteStoreConfig
+  | ShardingStoreConfig
+  | FallbackStoreConfig;
 
 /** `{"memory": {"maxSizeBytes": 1073741824}}`: blobs in RAM, LRU-capped. */
 export interface MemoryStoreConfig {
@@ -87,6 +107,75 @@ export interface DiskStoreConfig {
 export interface CompletenessCheckingStoreConfig {
   readonly kind: 'completenessChecking';
   readonly backend: StoreConfig;
+}
+
+/**
+ * `{"remote": {"url": "http://127.0.0.1:8981", "instanceName": ""}}`: a shard
+ * reached over gRPC (h2c for http://, TLS for https://): this project's
+ * storage node or any REAPI server (bb-storage, bazel-remote, NativeLink).
+ */
+export interface RemoteStoreConfig {
+  readonly kind: 'remote';
+  readonly url: string;
+  readonly instanceName: string;
+  /** Deadline for unary calls and for progress on streams. Default 30 s. */
+  readonly timeoutMs?: number | undefined;
+  /** Deadline for one grpc.health.v1 check. Default 1 s. */
+  readonly healthTimeoutMs?: number | undefined;
+}
+
+/**
+ * ```json
+ * {"sharding": {
+ *   "shards": {
+ *     "shard-a": {"weight": 1, "backend": {"remote": {"url": "http://127.0.0.1:8981"}}},
+ *     "shard-b": {"weight": 1, "backend": {"remote": {"url": "http://127.0.0.1:8982"}}}
+ *   },
+ *   "handoffDir": "data/edge/handoff-cas",
+ *   "healthCheckIntervalMs": 1000
+ * }}
+ * ```
+ * Weighted rendezvous hashing over named shards, each behind a circuit
+ * breaker; writes that land on a stand-in are recorded in `handoffDir` and
+ * copied to their owner when it returns. Shard names are the hashing keys:
+ * every edge must use the same names and weights.
+ */
+export interface ShardingStoreConfig {
+  readonly kind: 'sharding';
+  readonly shards: readonly { readonly name: string; readonly weight: number; readonly backend: StoreConfig }[];
+  readonly handoffDir: string;
+  readonly maxHints?: number | undefined;
+  readonly healthCheckIntervalMs?: number | undefined;
+  readonly healthCheckTimeoutMs?: number | undefined;
+  readonly probeDepth?: number | undefined;
+  readonly probeWindowMs?: number | undefined;
+}
+
+/**
+ * ```json
+ * {"fallback": {
+ *   "primary": {"sharding": {...}},
+ *   "secondary": {"remote": {"url": "http://127.0.0.1:8984"}},
+ *   "journalDir": "data/edge/journal-cas",
+ *   "replication": {"maxQueue": 10000, "concurrency": 4, "overflow": "drop-oldest"}
+ * }}
+ * ```
+ * Reads and writes go to the primary and are replicated to the secondary in
+ * the background; while the primary is down the secondary serves, and what it
+ * accepted is journaled in `journalDir` and replayed to the primary later.
+ */
+export interface FallbackStoreConfig {
+  readonly kind: 'fallback';
+  readonly primary: StoreConfig;
+  readonly secondary: StoreConfig;
+  readonly journalDir: string;
+  readonly maxJournalEntries?: number | undefined;
+  readonly replication?: {
+    readonly maxQueue?: number | undefined;
+    readonly concurrency?: number | undefined;
+    readonly overflow?: 'drop-oldest' | 'reject-new' | undefined;
+  };
+  readonly healthCheckIntervalMs?: number | undefined;
 }
 
 /** A config that failed validation; the message starts with the field path. */
@@ -120,8 +209,13 @@ export interface ParseOptions {
 /** Validates an already parsed config object. */
 export function parseConfig(raw: unknown, opts: ParseOptions): NodeConfig {
   const path = 'config';
+  return parseNode(raw, path, opts, true);
+}
+
+function parseNode(raw: unknown, path: string, opts: ParseOptions, top: boolean): NodeConfig {
   const o = object(raw, path);
-  allowKeys(o, ['logLevel', 'listen', 'admin', 'maxBatchTotalSizeBytes', 'cas', 'ac'], path);
+  const keys = ['logLevel', 'listen', 'admin', 'maxBatchTotalSizeBytes', 'cas', 'ac'];
+  allowKeys(o, top ? [...keys, 'children'] : [...keys, 'restart'], path);
   const logLevel = o.logLevel === undefined ? 'info' : oneOf(o.logLevel, LOG_LEVELS, `${path}.logLevel`);
   const listen = listenAddress(required(o, 'listen', path), `${path}.listen`);
   const admin = o.admin === undefined ? undefined : adminConfig(o.admin, `${path}.admin`);
@@ -131,7 +225,23 @@ export function parseConfig(raw: unknown, opts: ParseOptions): NodeConfig {
       : positiveInteger(o.maxBatchTotalSizeBytes, `${path}.maxBatchTotalSizeBytes`);
   const cas = parseStoreConfig(required(o, 'cas', path), `${path}.cas`, { tree: 'cas', baseDir: opts.baseDir });
   const ac = parseStoreConfig(required(o, 'ac', path), `${path}.ac`, { tree: 'ac', baseDir: opts.baseDir });
-  return { logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac };
+  const children: ChildConfig[] = [];
+  if (o.children !== undefined) {
+    const cp = `${path}.children`;
+    const co = object(o.children, cp);
+    for (const [name, value] of Object.entries(co)) {
+      if (!/^[A-Za-z0-9_.-]+$/.test(name)) {
+        throw new ConfigError(`${cp}.${name}: child names may contain only letters, digits, '.', '_' and '-'`);
+      }
+      const child = parseNode(value, `${cp}.${name}`, opts, false);
+      const restartValue = (value as Record<string, unknown>).restart;
+      if (restartValue !== undefined && typeof restartValue !== 'boolean') {
+        throw new ConfigError(`${cp}.${name}.restart: expected true or false, got ${describe(restartValue)}`);
+      }
+      children.push({ name, restart: restartValue !== false, config: child });
+    }
+  }
+  return { logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, children };
 }
 
 export interface StoreParseContext {
@@ -171,6 +281,86 @@ const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
     const o = object(value, path);
     allowKeys(o, ['backend'], path);
     return { kind: 'completenessChecking', backend: parseStoreConfig(required(o, 'backend', path), `${path}.backend`, ctx) };
+  },
+
+  remote(value, path): RemoteStoreConfig {
+    const o = object(value, path);
+    allowKeys(o, ['url', 'instanceName', 'timeoutMs', 'healthTimeoutMs'], path);
+    const url = nonEmptyString(required(o, 'url', path), `${path}.url`);
+    let parsed: URL;
+    try {
+      parsed = new URL(url);
+    } catch {
+      throw new ConfigError(`${path}.url: expected an http:// or https:// URL, got ${describe(url)}`);
+    }
+    if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
+      throw new ConfigError(`${path}.url: expected an http:// or https:// URL, got ${describe(url)}`);
+    }
+    const instanceName = o.instanceName === undefined ? '' : string(o.instanceName, `${path}.instanceName`);
+    return {
+      kind: 'remote',
+      url,
+      instanceName,
+      timeoutMs: optionalPositiveInteger(o, 'timeoutMs', path),
+      healthTimeoutMs: optionalPositiveInteger(o, 'healthTimeoutMs', path),
+    };
+  },
+
+  sharding(value, path, ctx): ShardingStoreConfig {
+    const o = object(value, path);
+    allowKeys(
+      o,
+      ['shards', 'handoffDir', 'maxHints', 'healthCheckIntervalMs', 'healthCheckTimeoutMs', 'probeDepth', 'probeWindowMs'],
+      path,
+    );
+    const shardsPath = `${path}.shards`;
+    const shardsObj = object(required(o, 'shards', path), shardsPath);
+    const names = Object.keys(shardsObj);
+    if (names.length === 0) throw new ConfigError(`${shardsPath}: needs at least one shard`);
+    const shards = names.map((name) => {
+      const sp = `${shardsPath}.${name}`;
+      const so = object(shardsObj[name], sp);
+      allowKeys(so, ['weight', 'backend'], sp);
+      const weight = so.weight === undefined ? 1 : positiveInteger(so.weight, `${sp}.weight`);
+      if (weight > 1_000_000) throw new ConfigError(`${sp}.weight: must be at most 1000000, got ${weight}`);
+      return { name, weight, backend: parseStoreConfig(required(so, 'backend', sp), `${sp}.backend`, ctx) };
+    });
+    const probeDepth = o.probeDepth === undefined ? undefined : nonNegativeInteger(o.probeDepth, `${path}.probeDepth`);
+    return {
+      kind: 'sharding',
+      shards,
+      handoffDir: resolve(ctx.baseDir, nonEmptyString(required(o, 'handoffDir', path), `${path}.handoffDir`)),
+      maxHints: optionalPositiveInteger(o, 'maxHints', path),
+      healthCheckIntervalMs: optionalPositiveInteger(o, 'healthCheckIntervalMs', path),
+      healthCheckTimeoutMs: optionalPositiveInteger(o, 'healthCheckTimeoutMs', path),
+      probeDepth,
+      probeWindowMs: optionalPositiveInteger(o, 'probeWindowMs', path),
+    };
+  },
+
+  fallback(value, path, ctx): FallbackStoreConfig {
+    const o = object(value, path);
+    allowKeys(o, ['primary', 'secondary', 'journalDir', 'maxJournalEntries', 'replication', 'healthCheckIntervalMs'], path);
+    let replication: FallbackStoreConfig['replication'];
+    if (o.replication !== undefined) {
+      const rp = `${path}.replication`;
+      const r = object(o.replication, rp);
+      allowKeys(r, ['maxQueue', 'concurrency', 'overflow'], rp);
+      replication = {
+        maxQueue: optionalPositiveInteger(r, 'maxQueue', rp),
+        concurrency: optionalPositiveInteger(r, 'concurrency', rp),
+        overflow: r.overflow === undefined ? undefined : oneOf(r.overflow, ['drop-oldest', 'reject-new'] as const, `${rp}.overflow`),
+      };
+    }
+    return {
+      kind: 'fallback',
+      primary: parseStoreConfig(required(o, 'primary', path), `${path}.primary`, ctx),
+      secondary: parseStoreConfig(required(o, 'secondary', path), `${path}.secondary`, ctx),
+      journalDir: resolve(ctx.baseDir, nonEmptyString(required(o, 'journalDir', path), `${path}.journalDir`)),
+      maxJournalEntries: optionalPositiveInteger(o, 'maxJournalEntries', path),
+      replication,
+      healthCheckIntervalMs: optionalPositiveInteger(o, 'healthCheckIntervalMs', path),
+    };
   },
 };
 
@@ -261,6 +451,22 @@ function positiveInteger(value: unknown, path: string): number {
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value <= 0) {
     throw new ConfigError(`${path}: expected a positive integer, got ${describe(value)}`);
   }
+  return value;
+}
+
+function optionalPositiveInteger(o: Record<string, unknown>, key: string, path: string): number | undefined {
+  return o[key] === undefined ? undefined : positiveInteger(o[key], `${path}.${key}`);
+}
+
+function nonNegativeInteger(value: unknown, path: string): number {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
+    throw new ConfigError(`${path}: expected a non-negative integer, got ${describe(value)}`);
+  }
+  return value;
+}
+
+function string(value: unknown, path: string): string {
+  if (typeof value !== 'string') throw new ConfigError(`${path}: expected a string, got ${describe(value)}`);
   return value;
 }
 

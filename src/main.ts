@@ -1,4 +1,10 @@
-// The storage node process: `node src/main.ts [config.json]`.
+// The process: `node src/main.ts [config.json] [--child NAME]`.
+//
+// One process type, several roles by config: a storage node (disk stores
+// served over REAPI), an edge (a routing tree over remote shards), or both.
+// A config with `children` also starts and supervises those storage-node
+// processes (the local cluster); each child runs this same file with
+// `--child NAME` and reads its own section of the same config file.
 //
 // Loads and validates the config (exit 2 with the field path on error),
 // opens the store trees, serves REAPI on the configured address (gRPC over
@@ -11,16 +17,32 @@ import { ConfigError, formatAddress, loadConfig } from './config.ts';
 import type { NodeConfig } from './config.ts';
 import { buildApp } from './server/app.ts';
 import { buildStores, closeStores } from './stores/factory.ts';
+import { Supervisor } from './supervisor.ts';
 import type { StoreTrees } from './stores/factory.ts';
 
 /** A second signal during shutdown exits at once; this bounds the first. */
 const SHUTDOWN_LIMIT_MS = 30_000;
 
 async function main(): Promise<number> {
-  const file = process.argv[2] ?? 'config.json';
+  const args = process.argv.slice(2);
+  const childAt = args.indexOf('--child');
+  const childName = childAt >= 0 ? args[childAt + 1] : undefined;
+  if (childAt >= 0) args.splice(childAt, 2);
+  if (childAt >= 0 && childName === undefined) {
+    process.stderr.write('reapi-edge: --child needs a name\n');
+    return 2;
+  }
+  const file = args[0] ?? 'config.json';
   let config: NodeConfig;
   try {
-    config = await loadConfig(file);
+    const top = await loadConfig(file);
+    if (childName === undefined) {
+      config = top;
+    } else {
+      const child = top.children.find((c) => c.name === childName);
+      if (child === undefined) throw new ConfigError(`config.children.${childName}: no such child`);
+      config = child.config;
+    }
   } catch (err) {
     if (err instanceof ConfigError) {
       process.stderr.write(`reapi-edge: bad config: ${err.message}\n`);
@@ -29,18 +51,34 @@ async function main(): Promise<number> {
     throw err;
   }
 
-  const logger = pino({ level: config.logLevel });
+  const logger = pino({ level: config.logLevel, base: { pid: process.pid, role: childName ?? 'main' } });
   process.on('unhandledRejection', (err) => logger.error({ err }, 'unhandled promise rejection'));
   process.on('uncaughtException', (err) => {
     logger.fatal({ err }, 'uncaught exception');
     process.exit(1);
   });
 
+  // Children first, so the shards are coming up while the edge opens its
+  // stores; the edge's health checks take them in as they answer.
+  let supervisor: Supervisor | undefined;
+  if (config.children.length > 0) {
+    supervisor = new Supervisor({
+      configPath: file,
+      children: config.children.map((c) => ({ name: c.name, restart: c.restart, address: c.config.listen })),
+      logger,
+    });
+    supervisor.start();
+    if (!(await supervisor.waitUntilListening(15_000))) {
+      logger.warn('some storage node processes are not listening yet; starting the edge anyway');
+    }
+  }
+
   let stores: StoreTrees;
   try {
     stores = await buildStores(config, { logger });
   } catch (err) {
     logger.fatal({ err }, 'could not open the stores');
+    await supervisor?.stop();
     return 1;
   }
 
@@ -61,6 +99,7 @@ async function main(): Promise<number> {
   } catch (err) {
     logger.fatal({ err, listen: formatAddress(config.listen) }, 'could not listen');
     await closeStores(stores).catch((e: unknown) => logger.error({ err: e }, 'closing stores failed'));
+    await supervisor?.stop();
     return 1;
   }
   ready = true;
@@ -76,12 +115,13 @@ async function main(): Promise<number> {
     process.once('SIGTERM', () => resolve('SIGTERM'));
     process.once('SIGINT', () => resolve('SIGINT'));
   });
-  return shutdown(app, stores, logger, signal);
+  return shutdown(app, stores, supervisor, logger, signal);
 }
 
 async function shutdown(
   app: { close(): Promise<unknown> },
   stores: StoreTrees,
+  supervisor: Supervisor | undefined,
   logger: Logger,
   signal: NodeJS.Signals,
 ): Promise<number> {
@@ -110,6 +150,7 @@ async function shutdown(
     logger.error({ err }, 'closing the stores failed');
     code = 1;
   }
+  await supervisor?.stop();
   logger.info('stopped');
   return code;
 }

@@ -3,7 +3,10 @@ import type { StoreConfig } from '../config.ts';
 import type { BlobStore } from './blob-store.ts';
 import { CompletenessCheckingStore } from './completeness-checking-store.ts';
 import { DiskStore } from './disk-store.ts';
+import { FallbackStore } from './fallback-store.ts';
 import { MemoryStore } from './memory-store.ts';
+import { RemoteStore } from './remote-store.ts';
+import { ShardingStore } from './sharding-store.ts';
 
 export interface StoreTrees {
   readonly cas: BlobStore;
@@ -68,6 +71,48 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
       store = new CompletenessCheckingStore({ backend, cas: ctx.cas, logger });
       break;
     }
+    case 'remote':
+      store = new RemoteStore({
+        url: config.url,
+        instanceName: config.instanceName,
+        tree: ctx.tree,
+        timeoutMs: config.timeoutMs,
+        healthTimeoutMs: config.healthTimeoutMs,
+        logger,
+      });
+      break;
+    case 'sharding': {
+      const shards = [];
+      for (const shard of config.shards) {
+        const backend = await buildStore(shard.backend, ctx);
+        shards.push({ name: shard.name, weight: shard.weight, store: backend, check: healthCheckOf(backend) });
+      }
+      store = await ShardingStore.open({
+        shards,
+        handoff: { dir: config.handoffDir, maxHints: config.maxHints },
+        healthCheckIntervalMs: config.healthCheckIntervalMs,
+        healthCheckTimeoutMs: config.healthCheckTimeoutMs,
+        probeDepth: config.probeDepth,
+        probeWindowMs: config.probeWindowMs,
+        logger,
+      });
+      break;
+    }
+    case 'fallback': {
+      const primary = await buildStore(config.primary, ctx);
+      const secondary = await buildStore(config.secondary, ctx);
+      store = await FallbackStore.open({
+        primary,
+        secondary,
+        journalDir: config.journalDir,
+        maxJournalEntries: config.maxJournalEntries,
+        replication: config.replication,
+        primaryHealthCheck: healthCheckOf(primary),
+        healthCheckIntervalMs: config.healthCheckIntervalMs,
+        logger,
+      });
+      break;
+    }
     default: {
       const unknown: never = config;
       throw new Error(`unknown store kind ${JSON.stringify((unknown as { kind: unknown }).kind)}`);
@@ -75,6 +120,14 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
   }
   ctx.built.push(store);
   return store;
+}
+
+/**
+ * A remote backend has a real health check (grpc.health.v1); for other kinds
+ * the owning router falls back to its own cheap probe.
+ */
+function healthCheckOf(store: BlobStore): ((signal: AbortSignal) => Promise<void>) | undefined {
+  return store instanceof RemoteStore ? (signal) => store.healthCheck(signal) : undefined;
 }
 
 async function settle(p: Promise<void>): Promise<PromiseSettledResult<void>> {

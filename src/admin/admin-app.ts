@@ -1,0 +1,317 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
+import type { ServerResponse } from 'node:http';
+import { Code, ConnectError } from '@connectrpc/connect';
+import fastify, { LogController } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { Logger } from 'pino';
+import type { Registry } from 'prom-client';
+import type { ChildState } from '../supervisor.ts';
+import { createMetricsRegistry, registerTreeMetrics } from './metrics.ts';
+import type { DrainFn } from './shard-control.ts';
+import { StateWatcher } from './state-watcher.ts';
+import { TREE_NAMES, type TreeDescriptions, type TreeName } from './tree.ts';
+
+export interface AdminAppOptions {
+  /** Both store trees as their roots describe them right now. Cheap and synchronous. */
+  readonly describe: () => TreeDescriptions;
+  /** Supervised storage-node processes (Supervisor.states()); none when absent. */
+  readonly processes?: (() => readonly ChildState[]) | undefined;
+  /** Drives /readyz. */
+  readonly isReady: () => boolean;
+  /** Why the process is not ready, for /readyz. Default "not ready". */
+  readonly notReadyReason?: (() => string) | undefined;
+  /** Drains or undrains a shard (see shardControl). Absent: every shard is unknown. */
+  readonly drain?: DrainFn | undefined;
+  /**
+   * Bearer token that authorizes drain and undrain. Unset or empty: those
+   * are refused with 403, everything else still works.
+   */
+  readonly token?: string | undefined;
+  /** Where /metrics reads from; share it with metricsInterceptor and MetricsStore. Default: a fresh one. */
+  readonly registry?: Registry | undefined;
+  /**
+   * Subscribes to "something changed" (e.g. breaker transitions), so the page
+   * is pushed at once instead of on its next tick. May return an unsubscribe.
+   */
+  readonly onChange?: ((listener: () => void) => (() => void) | void) | undefined;
+  /** Shown on the page and in reapi_edge_build_info. Default: package.json's version. */
+  readonly version?: string | undefined;
+  readonly logger?: Logger | undefined;
+  /** How often /api/events pushes the state. Default 1000 ms. */
+  readonly eventIntervalMs?: number | undefined;
+  /** How often breaker states are compared for transitions. Default 250 ms; 0 disables. */
+  readonly watchIntervalMs?: number | undefined;
+}
+
+/** An operator's drain or undrain, kept (the last 20) for the page. */
+interface Action {
+  readonly at: number;
+  readonly tree: TreeName;
+  readonly shard: string;
+  readonly action: 'drain' | 'undrain';
+  readonly stores: number;
+  readonly peer: string;
+}
+
+/** What GET /api/state returns and /api/events pushes. */
+export interface AdminState {
+  readonly version: string;
+  /** Server clock (ms since the epoch), so the page can show "since" without trusting its own. */
+  readonly now: number;
+  readonly ready: boolean;
+  readonly tokenConfigured: boolean;
+  readonly trees: TreeDescriptions;
+  readonly processes: readonly ChildState[];
+  readonly actions: readonly Action[];
+}
+
+const PAGE_DIR = new URL('./page/', import.meta.url);
+const PAGE_FILES: Record<string, { file: string; type: string }> = {
+  '/': { file: 'index.html', type: 'text/html; charset=utf-8' },
+  '/app.js': { file: 'app.js', type: 'text/javascript; charset=utf-8' },
+  '/style.css': { file: 'style.css', type: 'text/css; charset=utf-8' },
+};
+
+// The page loads nothing from anywhere else, and nothing may frame it.
+const SECURITY_HEADERS = {
+  'content-security-policy':
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; " +
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+  'x-content-type-options': 'nosniff',
+  'referrer-policy': 'no-referrer',
+  'cache-control': 'no-store',
+};
+
+/**
+ * Builds (but does not start) the admin and operations app: a plain
+ * HTTP/1.1 fastify instance, separate from the gRPC port, meant for a
+ * loopback address. main.ts calls listen() and close().
+ *
+ * - GET /              the admin page (three static files, see page/)
+ * - GET /api/state     JSON: both store trees, processes, readiness, version
+ * - GET /api/events    the same state as server-sent events, every
+ *                      `eventIntervalMs` and at once on a breaker transition
+ * - POST /api/shards/:tree/:name/drain | /undrain
+ *                      needs `Authorization: Bearer <token>`
+ * - GET /metrics       Prometheus text from `registry`
+ * - GET /healthz       200 while the process runs
+ * - GET /readyz        200 when isReady(), else 503 with the reason
+ *
+ * The page is served from memory by a route per file rather than with
+ * @fastify/static: three files known at build time need no path handling
+ * (so no traversal to guard against) and no extra dependency.
+ *
+ * On close, event streams are ended (so close() does not wait on them) and
+ * the transition watcher stops. The stores are not touched.
+ */
+export async function buildAdminApp(opts: AdminAppOptions): Promise<FastifyInstance> {
+  const registry = opts.registry ?? createMetricsRegistry();
+  const version = opts.version ?? (await packageVersion());
+  const tokenDigest = opts.token ? sha256(opts.token) : undefined;
+  const eventIntervalMs = Math.max(50, opts.eventIntervalMs ?? 1000);
+  const log = opts.logger?.child({ component: 'admin' });
+  const actions: Action[] = [];
+
+  const pages = new Map<string, { body: Buffer; type: string }>();
+  for (const [route, { file, type }] of Object.entries(PAGE_FILES)) {
+    pages.set(route, { body: await readFile(new URL(file, PAGE_DIR)), type });
+  }
+
+  const state = (): AdminState => ({
+    version,
+    now: Date.now(),
+    ready: opts.isReady(),
+    tokenConfigured: tokenDigest !== undefined,
+    trees: opts.describe(),
+    processes: opts.processes?.() ?? [],
+    actions,
+  });
+
+  const metrics = registerTreeMetrics(registry, {
+    describe: opts.describe,
+    processes: opts.processes,
+    isReady: opts.isReady,
+    version,
+  });
+
+  // ---- server-sent events: one ticker shared by every open stream --------
+  const streams = new Set<ServerResponse>();
+  let ticker: NodeJS.Timeout | undefined;
+  let pushSoon: NodeJS.Timeout | undefined;
+  let closed = false;
+  const push = (): void => {
+    if (streams.size === 0) return;
+    let frame: string;
+    try {
+      frame = `event: state\ndata: ${JSON.stringify(state())}\n\n`;
+    } catch (err) {
+      log?.warn({ err }, 'admin: could not describe the store trees');
+      return;
+    }
+    for (const res of streams) res.write(frame);
+  };
+  // Bursts of changes (three shards opening at once) make one push.
+  const changed = (): void => {
+    if (closed || pushSoon !== undefined) return;
+    pushSoon = setTimeout(() => {
+      pushSoon = undefined;
+      push();
+    }, 20);
+  };
+  const endStream = (res: ServerResponse): void => {
+    streams.delete(res);
+    if (!res.writableEnded) res.end();
+    if (streams.size === 0) {
+      clearInterval(ticker);
+      ticker = undefined;
+    }
+  };
+
+  const watcher = new StateWatcher(opts.describe, opts.watchIntervalMs ?? 250);
+  watcher.on('transition', (t) => {
+    metrics.recordTransition(t);
+    log?.debug({ ...t }, 'admin: breaker transition');
+  });
+  watcher.on('change', changed);
+  const unsubscribe = opts.onChange?.(() => {
+    watcher.poll();
+    changed();
+  });
+
+  const app = fastify({
+    ...(log === undefined ? { logger: false } : { loggerInstance: log }),
+    logController: new LogController({ disableRequestLogging: true }),
+    // An SSE stream is never idle; we end those ourselves in preClose.
+    forceCloseConnections: 'idle',
+  }) as unknown as FastifyInstance;
+
+  app.addHook('preClose', (done) => {
+    closed = true;
+    clearTimeout(pushSoon);
+    for (const res of [...streams]) endStream(res);
+    done();
+  });
+  app.addHook('onClose', (_app, done) => {
+    watcher.close();
+    if (typeof unsubscribe === 'function') unsubscribe();
+    done();
+  });
+
+  app.setNotFoundHandler((req, reply) => {
+    void reply.code(404).send({ error: `no such endpoint: ${req.method} ${req.url}` });
+  });
+  app.setErrorHandler((err: { statusCode?: number; message?: string }, req, reply) => {
+    const status = typeof err.statusCode === 'number' && err.statusCode >= 400 ? err.statusCode : 500;
+    if (status >= 500) req.log.error({ err }, 'admin request failed');
+    void reply.code(status).send({ error: status >= 500 ? 'internal error' : (err.message ?? 'bad request') });
+  });
+
+  for (const [route, page] of pages) {
+    app.get(route, (_req, reply) => reply.headers(SECURITY_HEADERS).type(page.type).send(page.body));
+  }
+
+  app.get('/api/state', (_req, reply) => reply.header('cache-control', 'no-store').send(state()));
+
+  app.get('/api/events', (req, reply) => {
+    reply.hijack();
+    const res = reply.raw;
+    if (closed) {
+      res.writeHead(503, { 'content-type': 'application/json' }).end('{"error":"shutting down"}');
+      return;
+    }
+    res.writeHead(200, {
+      'content-type': 'text/event-stream; charset=utf-8',
+      'cache-control': 'no-store',
+      connection: 'keep-alive',
+      'x-accel-buffering': 'no', // a proxy in front must not buffer the stream
+    });
+    res.write('retry: 2000\n\n');
+    streams.add(res);
+    req.raw.socket.setNoDelay(true);
+    res.on('close', () => endStream(res));
+    ticker ??= setInterval(push, eventIntervalMs);
+    try {
+      res.write(`event: state\ndata: ${JSON.stringify(state())}\n\n`);
+    } catch (err) {
+      log?.warn({ err }, 'admin: could not describe the store trees');
+    }
+  });
+
+  for (const action of ['drain', 'undrain'] as const) {
+    app.post<{ Params: { tree: string; name: string } }>(`/api/shards/:tree/:name/${action}`, async (req, reply) => {
+      if (tokenDigest === undefined) {
+        return reply.code(403).send({ error: 'admin token not configured: drain and undrain are disabled' });
+      }
+      const denied = checkBearer(req, tokenDigest);
+      if (denied !== undefined) {
+        return reply.code(401).header('www-authenticate', 'Bearer realm="reapi-edge admin"').send({ error: denied });
+      }
+      const { tree, name } = req.params;
+      if (!isTreeName(tree)) {
+        return reply.code(404).send({ error: `unknown tree "${tree}": expected cas or ac` });
+      }
+      let stores = 0;
+      try {
+        stores = (await opts.drain?.(tree, name, action === 'drain')) ?? 0;
+      } catch (err) {
+        if (!(err instanceof ConnectError && err.code === Code.NotFound)) throw err;
+      }
+      if (stores === 0) {
+        return reply.code(404).send({ error: `no shard named "${name}" in the ${tree} tree` });
+      }
+      const peer = req.ip;
+      actions.unshift({ at: Date.now(), tree, shard: name, action, stores, peer });
+      actions.length = Math.min(actions.length, 20);
+      log?.info({ tree, shard: name, stores, peer }, `admin: shard ${name} ${action}ed by operator`);
+      watcher.poll();
+      changed();
+      return reply.send({ ok: true, tree, shard: name, action, stores });
+    });
+  }
+
+  app.get('/metrics', async (_req, reply) => {
+    const text = await registry.metrics();
+    return reply.header('cache-control', 'no-store').type(registry.contentType).send(text);
+  });
+
+  app.get('/healthz', (_req, reply) => reply.header('cache-control', 'no-store').send({ ok: true }));
+
+  app.get('/readyz', (_req, reply) => {
+    void reply.header('cache-control', 'no-store');
+    if (opts.isReady()) return reply.send({ ready: true });
+    return reply.code(503).send({ ready: false, reason: opts.notReadyReason?.() ?? 'not ready' });
+  });
+
+  return app;
+}
+
+function isTreeName(s: string): s is TreeName {
+  return (TREE_NAMES as readonly string[]).includes(s);
+}
+
+function sha256(s: string): Buffer {
+  return createHash('sha256').update(s).digest();
+}
+
+/** undefined when the request carries the right bearer token, else why not. */
+function checkBearer(req: FastifyRequest, tokenDigest: Buffer): string | undefined {
+  const header = req.headers.authorization;
+  if (header === undefined || header === '') return 'missing bearer token: send "Authorization: Bearer <admin token>"';
+  const m = /^Bearer\s+(\S(?:.*\S)?)\s*$/i.exec(header);
+  if (m === null) return 'malformed Authorization header: expected "Bearer <admin token>"';
+  // Hashing first gives equal lengths, which timingSafeEqual needs, and
+  // leaks nothing about the token's length.
+  if (!timingSafeEqual(sha256(m[1]!), tokenDigest)) return 'wrong bearer token';
+  return undefined;
+}
+
+async function packageVersion(): Promise<string> {
+  try {
+    const pkg = JSON.parse(await readFile(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: unknown };
+    return typeof pkg.version === 'string' ? pkg.version : 'unknown';
+  } catch {
+    return 'unknown';
+  }
+}
+

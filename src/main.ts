@@ -15,6 +15,10 @@ import { pino } from 'pino';
 import type { Logger } from 'pino';
 import { ConfigError, formatAddress, loadConfig } from './config.ts';
 import type { NodeConfig } from './config.ts';
+import { buildAdminApp } from './admin/admin-app.ts';
+import { createMetricsRegistry, metricsInterceptor } from './admin/metrics.ts';
+import { shardControl } from './admin/shard-control.ts';
+import { canServe } from './readiness.ts';
 import { buildApp } from './server/app.ts';
 import { buildStores, closeStores } from './stores/factory.ts';
 import { Supervisor } from './supervisor.ts';
@@ -58,6 +62,8 @@ async function main(): Promise<number> {
     process.exit(1);
   });
 
+  const registry = createMetricsRegistry();
+
   // Children first, so the shards are coming up while the edge opens its
   // stores; the edge's health checks take them in as they answer.
   let supervisor: Supervisor | undefined;
@@ -75,34 +81,64 @@ async function main(): Promise<number> {
 
   let stores: StoreTrees;
   try {
-    stores = await buildStores(config, { logger });
+    stores = await buildStores(config, { logger, registry });
   } catch (err) {
     logger.fatal({ err }, 'could not open the stores');
     await supervisor?.stop();
     return 1;
   }
 
-  let ready = false;
+  // Ready once listening, while not shutting down, and while both trees have
+  // something behind them that can serve.
+  let listening = false;
+  const ready = () => listening && canServe(stores.cas.describe()) && canServe(stores.ac.describe());
   const app = await buildApp({
     deps: {
       cas: stores.cas,
       ac: stores.ac,
       logger,
       maxBatchTotalSizeBytes: config.maxBatchTotalSizeBytes,
-      isReady: () => ready,
+      isReady: ready,
     },
     logger,
+    interceptors: [metricsInterceptor(registry)],
   });
+
+  // The admin surface: page, JSON API, /metrics, /healthz, /readyz. Only
+  // where configured; it listens on its own (loopback by default) address.
+  const admin =
+    config.admin === undefined
+      ? undefined
+      : await buildAdminApp({
+          describe: () => ({ cas: stores.cas.describe(), ac: stores.ac.describe() }),
+          processes: supervisor === undefined ? undefined : () => supervisor.states(),
+          isReady: ready,
+          notReadyReason: () =>
+            listening ? 'no shard of a store tree is taking traffic' : 'starting or shutting down',
+          drain: shardControl(stores.sharding),
+          token: config.admin.token,
+          registry,
+          logger,
+        });
 
   try {
     await app.listen({ host: config.listen.host, port: config.listen.port });
+    if (admin !== undefined && config.admin !== undefined) {
+      await admin.listen({ host: config.admin.listen.host, port: config.admin.listen.port });
+      logger.info(
+        { admin: formatAddress(config.admin.listen) },
+        `admin page, /metrics, /healthz and /readyz on http://${formatAddress(config.admin.listen)}`,
+      );
+    }
   } catch (err) {
     logger.fatal({ err, listen: formatAddress(config.listen) }, 'could not listen');
+    await app.close().catch(() => undefined);
+    await admin?.close().catch(() => undefined);
     await closeStores(stores).catch((e: unknown) => logger.error({ err: e }, 'closing stores failed'));
     await supervisor?.stop();
     return 1;
   }
-  ready = true;
+  listening = true;
   const address = app.server.address();
   const port = typeof address === 'object' && address !== null ? address.port : config.listen.port;
   const bound = formatAddress({ host: config.listen.host, port });
@@ -115,11 +151,12 @@ async function main(): Promise<number> {
     process.once('SIGTERM', () => resolve('SIGTERM'));
     process.once('SIGINT', () => resolve('SIGINT'));
   });
-  return shutdown(app, stores, supervisor, logger, signal);
+  listening = false;
+  return shutdown([app, ...(admin === undefined ? [] : [admin])], stores, supervisor, logger, signal);
 }
 
 async function shutdown(
-  app: { close(): Promise<unknown> },
+  servers: readonly { close(): Promise<unknown> }[],
   stores: StoreTrees,
   supervisor: Supervisor | undefined,
   logger: Logger,
@@ -138,11 +175,11 @@ async function shutdown(
   }, SHUTDOWN_LIMIT_MS).unref();
 
   let code = 0;
-  try {
-    await app.close();
-  } catch (err) {
-    logger.error({ err }, 'closing the server failed');
-    code = 1;
+  for (const result of await Promise.allSettled(servers.map((s) => s.close()))) {
+    if (result.status === 'rejected') {
+      logger.error({ err: result.reason }, 'closing a server failed');
+      code = 1;
+    }
   }
   try {
     await closeStores(stores);

@@ -21,6 +21,11 @@ export interface AppOptions {
    * and their clients see UNAVAILABLE. Default 10 s.
    */
   readonly shutdownTimeoutMs?: number | undefined;
+  /**
+   * Interceptors that run outside the logging one (e.g. metrics), so they
+   * see the codes clients see.
+   */
+  readonly interceptors?: readonly Interceptor[] | undefined;
   /** HTTP/2 window sizes and the like; see createOnePortServer. */
   readonly server?: Omit<OnePortServerOptions, 'logger'> | undefined;
 }
@@ -85,7 +90,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     grpcWeb: true,
     connect: true,
     routes: (router) => registerServices(router, deps, { draining: draining.signal }),
-    interceptors: [rpcInterceptor(logger, shutdownError)],
+    interceptors: [...(opts.interceptors ?? []), rpcInterceptor(logger, shutdownError)],
     requestGate: watchEarlyErrors(logger),
     readMaxBytes: maxMessageBytes,
     writeMaxBytes: maxMessageBytes,

@@ -1,20 +1,30 @@
 import type { Logger } from 'pino';
+import type { Registry } from 'prom-client';
 import type { StoreConfig } from '../config.ts';
 import type { BlobStore } from './blob-store.ts';
 import { CompletenessCheckingStore } from './completeness-checking-store.ts';
 import { DiskStore } from './disk-store.ts';
 import { FallbackStore } from './fallback-store.ts';
 import { MemoryStore } from './memory-store.ts';
+import { MetricsStore } from './metrics-store.ts';
 import { RemoteStore } from './remote-store.ts';
 import { ShardingStore } from './sharding-store.ts';
 
 export interface StoreTrees {
   readonly cas: BlobStore;
   readonly ac: BlobStore;
+  /** Every sharding store of each tree, for drain control from the admin API. */
+  readonly sharding: { readonly cas: readonly ShardingStore[]; readonly ac: readonly ShardingStore[] };
 }
 
 export interface BuildOptions {
   readonly logger: Logger;
+  /**
+   * When given, every node of both trees is wrapped in a MetricsStore
+   * labelled with its tree, kind and path in the tree (e.g.
+   * "fallback/primary/shard-a"), as bb-storage wraps every node.
+   */
+  readonly registry?: Registry | undefined;
 }
 
 interface BuildContext {
@@ -22,8 +32,12 @@ interface BuildContext {
   /** The built CAS tree; set while building the AC tree. */
   readonly cas?: BlobStore | undefined;
   readonly logger: Logger;
+  readonly registry: Registry | undefined;
+  /** Where this node sits in its tree, for metric labels. */
+  readonly path: string;
   /** Every store built so far, so a failure half-way can close them. */
   readonly built: BlobStore[];
+  readonly sharding: ShardingStore[];
 }
 
 /**
@@ -33,10 +47,13 @@ interface BuildContext {
  */
 export async function buildStores(config: { readonly cas: StoreConfig; readonly ac: StoreConfig }, opts: BuildOptions): Promise<StoreTrees> {
   const built: BlobStore[] = [];
+  const common = { logger: opts.logger, registry: opts.registry, path: '', built };
   try {
-    const cas = await buildStore(config.cas, { tree: 'cas', logger: opts.logger, built });
-    const ac = await buildStore(config.ac, { tree: 'ac', cas, logger: opts.logger, built });
-    return { cas, ac };
+    const casSharding: ShardingStore[] = [];
+    const acSharding: ShardingStore[] = [];
+    const cas = await buildStore(config.cas, { ...common, tree: 'cas', sharding: casSharding });
+    const ac = await buildStore(config.ac, { ...common, tree: 'ac', cas, sharding: acSharding });
+    return { cas, ac, sharding: { cas: casSharding, ac: acSharding } };
   } catch (err) {
     await Promise.allSettled(built.reverse().map((s) => s.close()));
     throw err;
@@ -44,7 +61,7 @@ export async function buildStores(config: { readonly cas: StoreConfig; readonly 
 }
 
 /** Closes the AC tree first (it may read the CAS tree), then the CAS tree. */
-export async function closeStores(stores: StoreTrees): Promise<void> {
+export async function closeStores(stores: Pick<StoreTrees, 'cas' | 'ac'>): Promise<void> {
   const results = [await settle(stores.ac.close()), await settle(stores.cas.close())];
   const failed = results.find((r) => r.status === 'rejected');
   if (failed !== undefined) throw failed.reason;
@@ -54,6 +71,10 @@ export async function closeStores(stores: StoreTrees): Promise<void> {
 async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobStore> {
   const contentAddressed = ctx.tree === 'cas';
   const logger = ctx.logger.child({ store: config.kind, tree: ctx.tree });
+  // The node's path as the admin page and metrics name it: the root's kind,
+  // then per level the role (primary, secondary), shard name or kind.
+  const path = ctx.path === '' ? config.kind : ctx.path;
+  const child = (segment: string): BuildContext => ({ ...ctx, path: `${path}/${segment}` });
   let store: BlobStore;
   switch (config.kind) {
     case 'memory':
@@ -67,7 +88,7 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
         // config.ts only allows this kind in the AC tree.
         throw new Error('completenessChecking store built without a CAS tree');
       }
-      const backend = await buildStore(config.backend, ctx);
+      const backend = await buildStore(config.backend, child(config.backend.kind));
       store = new CompletenessCheckingStore({ backend, cas: ctx.cas, logger });
       break;
     }
@@ -84,7 +105,7 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
     case 'sharding': {
       const shards = [];
       for (const shard of config.shards) {
-        const backend = await buildStore(shard.backend, ctx);
+        const backend = await buildStore(shard.backend, child(shard.name));
         shards.push({ name: shard.name, weight: shard.weight, store: backend, check: healthCheckOf(backend) });
       }
       store = await ShardingStore.open({
@@ -96,11 +117,12 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
         probeWindowMs: config.probeWindowMs,
         logger,
       });
+      ctx.sharding.push(store as ShardingStore);
       break;
     }
     case 'fallback': {
-      const primary = await buildStore(config.primary, ctx);
-      const secondary = await buildStore(config.secondary, ctx);
+      const primary = await buildStore(config.primary, child('primary'));
+      const secondary = await buildStore(config.secondary, child('secondary'));
       store = await FallbackStore.open({
         primary,
         secondary,
@@ -119,14 +141,16 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
     }
   }
   ctx.built.push(store);
-  return store;
+  if (ctx.registry === undefined) return store;
+  return new MetricsStore(store, { registry: ctx.registry, tree: ctx.tree, kind: config.kind, name: path });
 }
 
 /**
  * A remote backend has a real health check (grpc.health.v1); for other kinds
  * the owning router falls back to its own cheap probe.
  */
-function healthCheckOf(store: BlobStore): ((signal: AbortSignal) => Promise<void>) | undefined {
+function healthCheckOf(wrapped: BlobStore): ((signal: AbortSignal) => Promise<void>) | undefined {
+  const store = wrapped instanceof MetricsStore ? wrapped.inner : wrapped;
   return store instanceof RemoteStore ? (signal) => store.healthCheck(signal) : undefined;
 }
 

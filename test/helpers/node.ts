@@ -36,7 +36,7 @@ export interface StartNodeOptions {
   /** Replaces the AC tree config, e.g. `{kind: 'memory', maxSizeBytes}` for no completeness check. */
   readonly ac?: StoreConfig;
   /** Ready-made store trees (e.g. fault-injecting ones); close() closes them too. */
-  readonly trees?: StoreTrees;
+  readonly trees?: Pick<StoreTrees, 'cas' | 'ac'>;
   readonly maxBatchTotalSizeBytes?: number;
   /** How long close() lets in-flight RPCs run. Default 2 s (tests should not wait 10). */
   readonly shutdownTimeoutMs?: number;

@@ -21,6 +21,9 @@ const NETWORK_ERROR_CODES = new Set([
   'ETIMEDOUT',
   'EHOSTUNREACH',
   'ENETUNREACH',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'ERR_STREAM_DESTROYED',
   'ERR_HTTP2_STREAM_CANCEL',
   'ERR_HTTP2_SESSION_ERROR',
   'ERR_HTTP2_GOAWAY_SESSION',
@@ -33,10 +36,20 @@ const NETWORK_ERROR_CODES = new Set([
 export function isInfrastructureError(err: unknown): boolean {
   if (err instanceof ConnectError) {
     if (INFRASTRUCTURE_CODES.has(err.code)) return true;
-    // connect-node wraps socket errors; look at the cause too.
-    return err.cause !== undefined && err.cause !== err && isNetworkError(err.cause);
+    // connect-node wraps socket errors; look at the causes too.
+    return hasNetworkCause(err.cause);
   }
-  return isNetworkError(err);
+  return hasNetworkCause(err);
+}
+
+/** True if a socket or HTTP/2 session error is anywhere in the cause chain. */
+export function hasNetworkCause(err: unknown): boolean {
+  const seen = new Set<unknown>();
+  for (let e: unknown = err; typeof e === 'object' && e !== null && !seen.has(e); e = (e as { cause?: unknown }).cause) {
+    seen.add(e);
+    if (isNetworkError(e)) return true;
+  }
+  return false;
 }
 
 function isNetworkError(err: unknown): boolean {

@@ -1,5 +1,6 @@
 import t from 'tap';
 import { canServe } from '../src/readiness.ts';
+import type { StoreDescription } from '../src/stores/blob-store.ts';
 
 const shard = (name: string, state: string) => ({ name, state });
 const sharding = (...states: string[]) => ({
@@ -14,7 +15,7 @@ t.test('a sharding store can serve while any shard is closed', async (t) => {
 });
 
 t.test('a fallback pair can serve while either side can', async (t) => {
-  const fallback = (primary: object, secondary: object) => ({ kind: 'fallback', children: [primary, secondary] });
+  const fallback = (primary: StoreDescription, secondary: StoreDescription) => ({ kind: 'fallback', children: [primary, secondary] });
   t.equal(canServe(fallback(sharding('open'), { kind: 'remote' })), true, 'the secondary serves');
   t.equal(canServe(fallback(sharding('open'), sharding('open'))), false);
 });

@@ -38,14 +38,45 @@ t.test('a minimal config gets defaults', async (t) => {
   t.equal(c.admin, undefined);
 });
 
-t.test('the shipped config.json is valid: disk CAS, completeness-checked disk AC, paths under the repo', async (t) => {
+t.test('the shipped config.json is the local cluster: an edge over three shards and a fallback secondary', async (t) => {
   const c = await loadConfig(join(repoRoot, 'config.json'));
   t.same(c.listen, { host: '127.0.0.1', port: 8980 });
-  t.same(c.cas, { kind: 'disk', path: join(repoRoot, 'data/cas'), maxSizeBytes: 10 * 1024 ** 3 });
-  t.same(c.ac, {
-    kind: 'completenessChecking',
-    backend: { kind: 'disk', path: join(repoRoot, 'data/ac'), maxSizeBytes: 1024 ** 3 },
-  });
+  t.same(c.admin?.listen, { host: '127.0.0.1', port: 8990 }, 'admin on loopback');
+  t.same(
+    c.children.map((child) => [child.name, child.restart, `${child.config.listen.host}:${child.config.listen.port}`]),
+    [
+      ['shard-a', true, '127.0.0.1:8981'],
+      ['shard-b', true, '127.0.0.1:8982'],
+      ['shard-c', true, '127.0.0.1:8983'],
+      ['secondary', true, '127.0.0.1:8984'],
+    ],
+  );
+  for (const child of c.children) {
+    t.same(child.config.cas, { kind: 'disk', path: join(repoRoot, 'data', child.name, 'cas'), maxSizeBytes: child.config.cas.kind === 'disk' ? child.config.cas.maxSizeBytes : -1 });
+    t.equal(child.config.ac.kind, 'disk', `${child.name}: a plain AC (completeness is checked at the edge)`);
+  }
+  // Both trees: fallback { primary: sharding over shard-a..c, secondary } whose
+  // remote URLs are exactly the children's addresses.
+  t.equal(c.ac.kind, 'completenessChecking');
+  const ac = c.ac.kind === 'completenessChecking' ? c.ac.backend : c.ac;
+  for (const [tree, root] of [['cas', c.cas], ['ac', ac]] as const) {
+    if (root.kind !== 'fallback' || root.primary.kind !== 'sharding' || root.secondary.kind !== 'remote') {
+      t.fail(`${tree}: expected fallback { primary: sharding, secondary: remote }, got ${root.kind}`);
+      continue;
+    }
+    t.same(
+      root.primary.shards.map((s) => [s.name, s.weight, s.backend.kind === 'remote' ? s.backend.url : s.backend.kind]),
+      [
+        ['shard-a', 1, 'http://127.0.0.1:8981'],
+        ['shard-b', 1, 'http://127.0.0.1:8982'],
+        ['shard-c', 1, 'http://127.0.0.1:8983'],
+      ],
+      `${tree}: shards`,
+    );
+    t.equal(root.secondary.url, 'http://127.0.0.1:8984', `${tree}: secondary`);
+    t.equal(root.journalDir, join(repoRoot, 'data/edge', `journal-${tree}`), `${tree}: journal under data/`);
+    t.equal(root.primary.handoffDir, join(repoRoot, 'data/edge', `handoff-${tree}`), `${tree}: hints under data/`);
+  }
 });
 
 t.test('relative disk paths resolve against the config file directory; absolute ones stay', async (t) => {
@@ -80,17 +111,17 @@ t.test('errors name the offending field', async (t) => {
     [
       'unknown kind',
       { ...valid(), cas: { s3: {} } },
-      'config.cas: unknown store kind "s3", expected one of memory, disk, completenessChecking',
+      'config.cas: unknown store kind "s3", expected one of memory, disk, completenessChecking, remote, sharding, fallback',
     ],
     [
       'two kinds',
       { ...valid(), cas: { memory: { maxSizeBytes: 1 }, disk: { path: 'x', maxSizeBytes: 1 } } },
-      'config.cas: expected an object with exactly one key naming the store kind (memory, disk, completenessChecking), got keys "memory", "disk"',
+      'config.cas: expected an object with exactly one key naming the store kind (memory, disk, completenessChecking, remote, sharding, fallback), got keys "memory", "disk"',
     ],
     [
       'no kind',
       { ...valid(), ac: {} },
-      'config.ac: expected an object with exactly one key naming the store kind (memory, disk, completenessChecking), got no keys',
+      'config.ac: expected an object with exactly one key naming the store kind (memory, disk, completenessChecking, remote, sharding, fallback), got no keys',
     ],
     [
       'completeness check in the CAS',
@@ -107,7 +138,7 @@ t.test('errors name the offending field', async (t) => {
       { ...valid(), cas: { memory: { maxSizeBytes: 1, maxSize: 2 } } },
       'config.cas.memory.maxSize: unknown field (allowed: maxSizeBytes)',
     ],
-    ['unknown top-level field', { ...valid(), lisen: 'x' }, 'config.lisen: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac)'],
+    ['unknown top-level field', { ...valid(), lisen: 'x' }, 'config.lisen: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, children)'],
     ['missing listen', { cas: valid().cas, ac: valid().ac }, 'config.listen: required'],
     ['missing ac', { listen: '127.0.0.1:1', cas: valid().cas }, 'config.ac: required'],
     ['bad listen', { ...valid(), listen: '8980' }, 'config.listen: expected "host:port" (e.g. "127.0.0.1:8980" or "[::1]:8980"), got "8980"'],

@@ -19,6 +19,7 @@ import { buildAdminApp } from './admin/admin-app.ts';
 import { createMetricsRegistry, metricsInterceptor } from './admin/metrics.ts';
 import { shardControl } from './admin/shard-control.ts';
 import { canServe } from './readiness.ts';
+import { logMixin } from './request-context.ts';
 import { buildApp } from './server/app.ts';
 import { buildStores, closeStores } from './stores/factory.ts';
 import { Supervisor } from './supervisor.ts';
@@ -55,7 +56,7 @@ async function main(): Promise<number> {
     throw err;
   }
 
-  const logger = pino({ level: config.logLevel, base: { pid: process.pid, role: childName ?? 'main' } });
+  const logger = pino({ level: config.logLevel, mixin: logMixin, base: { pid: process.pid, role: childName ?? 'main' } });
   process.on('unhandledRejection', (err) => logger.error({ err }, 'unhandled promise rejection'));
   process.on('uncaughtException', (err) => {
     logger.fatal({ err }, 'uncaught exception');

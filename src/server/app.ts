@@ -7,6 +7,7 @@ import type { FastifyInstance, FastifyServerFactory } from 'fastify';
 import type { Http2Server } from 'node:http2';
 import type { Logger } from 'pino';
 import type { ServiceDeps } from '../services/deps.ts';
+import { type RequestContext, requestContext } from '../request-context.ts';
 import { registerServices } from '../services/index.ts';
 import { createOnePortServer } from './listen.ts';
 import type { OnePortServerOptions, RequestHandler } from './listen.ts';
@@ -124,6 +125,7 @@ function rpcInterceptor(logger: Logger, shutdownError: ConnectError): Intercepto
       return ce;
     };
     let responseMessages = 0;
+    let shardsOf: ReadonlySet<string> | undefined;
     let finished = false;
     const finish = (err: unknown): ConnectError | undefined => {
       if (finished) return undefined;
@@ -138,6 +140,7 @@ function rpcInterceptor(logger: Logger, shutdownError: ConnectError): Intercepto
         peer: call.peer,
         reqId: call.requestId,
       };
+      if (shardsOf !== undefined && shardsOf.size > 0) fields.shards = [...shardsOf];
       if (req.stream) fields.messagesIn = requestMessages;
       if (req.method.methodKind === 'server_streaming' || req.method.methodKind === 'bidi_streaming') {
         fields.messagesOut = responseMessages;
@@ -169,9 +172,14 @@ function rpcInterceptor(logger: Logger, shutdownError: ConnectError): Intercepto
       };
     }
 
+    // The handler (and every store call it makes) runs inside the request's
+    // context; a streamed response is resumed inside it too, since a
+    // generator runs in the context of whoever calls next().
+    const context: RequestContext = { reqId: call.requestId, shards: new Set() };
+    shardsOf = context.shards;
     let res;
     try {
-      res = await next(req);
+      res = await requestContext.run(context, () => next(req));
     } catch (err) {
       throw finish(err) ?? err;
     }
@@ -179,22 +187,25 @@ function rpcInterceptor(logger: Logger, shutdownError: ConnectError): Intercepto
       finish(undefined);
       return res;
     }
-    const output = res.message;
+    const output = res.message[Symbol.asyncIterator]();
     return {
       ...res,
       message: (async function* () {
         let ok = false;
         try {
-          for await (const m of output) {
+          for (;;) {
+            const step = await requestContext.run(context, () => output.next());
+            if (step.done === true) break;
             responseMessages++;
-            yield m;
+            yield step.value;
           }
           ok = true;
         } catch (err) {
           throw finish(err) ?? err;
         } finally {
           // Without `ok` and without an error the consumer stopped early:
-          // the client cancelled.
+          // the client cancelled. Let the handler's generator clean up.
+          if (!ok) await output.return?.();
           finish(ok ? undefined : new ConnectError('client cancelled', Code.Canceled));
         }
       })(),

@@ -1,3 +1,5 @@
+import { throwIfAborted } from './errors.ts';
+
 /**
  * Calls `fn` on every item with at most `limit` calls in flight (a limit
  * below 1 counts as 1) and resolves with the results in item order.
@@ -28,6 +30,32 @@ export async function mapLimit<T, R>(
   const workers = Math.min(Math.max(1, Math.floor(limit)), items.length);
   await Promise.all(Array.from({ length: workers }, worker));
   return results;
+}
+
+/**
+ * mapLimit for calls that take a signal: each call gets one linked to
+ * `signal`, and the first failure aborts it, cancelling the calls still
+ * running (a fan-out's first failure cancels its siblings). When the
+ * caller's own signal fired, it rejects with CANCELED.
+ */
+export async function mapLimitCancelling<T, R>(
+  items: readonly T[],
+  limit: number,
+  signal: AbortSignal | undefined,
+  fn: (item: T, signal: AbortSignal) => Promise<R>,
+): Promise<R[]> {
+  const ctl = new AbortController();
+  const linked = signal === undefined ? ctl.signal : AbortSignal.any([signal, ctl.signal]);
+  try {
+    return await mapLimit(items, limit, (item) => {
+      throwIfAborted(linked);
+      return fn(item, linked);
+    });
+  } catch (err) {
+    ctl.abort(err);
+    throwIfAborted(signal);
+    throw err;
+  }
 }
 
 /**

@@ -1,6 +1,7 @@
 import t from 'tap';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { abortable, mapLimit } from '../src/concurrency.ts';
+import { Code, ConnectError } from '@connectrpc/connect';
+import { abortable, mapLimit, mapLimitCancelling } from '../src/concurrency.ts';
 
 t.test('mapLimit keeps at most `limit` calls in flight and returns results in item order', async (t) => {
   let inFlight = 0;
@@ -44,4 +45,29 @@ t.test('abortable passes the outcome through, or rejects with the reason once ab
   // Already aborted: rejects at once, and a late failure of the work is not unhandled.
   await t.rejects(abortable(sleep(5).then(() => Promise.reject(new Error('late'))), ctl.signal), { message: 'stopped' });
   await sleep(10);
+});
+
+t.test('mapLimitCancelling: the first failure cancels the calls still running', async (t) => {
+  const cancelled: number[] = [];
+  const err = await mapLimitCancelling([0, 1, 2], 3, undefined, (i, signal) => {
+    if (i === 0) return Promise.reject(new Error('first fails'));
+    return new Promise((_, reject) => {
+      signal.addEventListener('abort', () => {
+        cancelled.push(i);
+        reject(new Error(`cancelled ${i}`));
+      });
+    });
+  }).catch((e: unknown) => e);
+  t.equal((err as Error).message, 'first fails');
+  t.same(cancelled.sort(), [1, 2], 'both siblings saw the abort');
+});
+
+t.test('mapLimitCancelling: the caller aborting rejects with CANCELED', async (t) => {
+  const ctl = new AbortController();
+  const p = mapLimitCancelling([0], 1, ctl.signal, (_, signal) =>
+    new Promise((_, reject) => signal.addEventListener('abort', () => reject(new Error('aborted below')))),
+  );
+  ctl.abort();
+  const err = await p.catch((e: unknown) => e);
+  t.ok(err instanceof ConnectError && err.code === Code.Canceled, `got ${String(err)}`);
 });

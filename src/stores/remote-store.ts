@@ -6,7 +6,8 @@ import { Code, ConnectError, createClient } from '@connectrpc/connect';
 import type { Logger } from 'pino';
 import type { Digest } from '../digest.ts';
 import { digestKey, digestString, isEmptyDigest, toProtoDigest } from '../digest.ts';
-import { isInfrastructureError, throwIfAborted, toConnectError, withPrefix } from '../errors.ts';
+import { hasNetworkCause, isInfrastructureError, throwIfAborted, toConnectError, withPrefix } from '../errors.ts';
+import { mapLimitCancelling } from '../concurrency.ts';
 import { collect, resolveRange } from '../streams.ts';
 import type { ShardTransport } from '../transport.ts';
 import { createShardTransport } from '../transport.ts';
@@ -291,7 +292,7 @@ export class RemoteStore implements BlobStore {
   async #findMissingBlobs(digests: readonly Digest[], signal: AbortSignal | undefined): Promise<string[]> {
     const batches: Digest[][] = [];
     for (let i = 0; i < digests.length; i += FIND_MISSING_BATCH) batches.push(digests.slice(i, i + FIND_MISSING_BATCH));
-    const results = await mapBounded(batches, FIND_MISSING_PARALLEL, signal, async (batch, batchSignal) => {
+    const results = await mapLimitCancelling(batches, FIND_MISSING_PARALLEL, signal, async (batch, batchSignal) => {
       const res = await this.#unary(batchSignal, (s) =>
         this.#cas.findMissingBlobs(
           { instanceName: this.instanceName, blobDigests: batch.map(toProtoDigest) },
@@ -392,7 +393,7 @@ export class RemoteStore implements BlobStore {
   // --- AC ------------------------------------------------------------------
 
   async #probeActions(digests: readonly Digest[], signal: AbortSignal | undefined): Promise<string[]> {
-    const found = await mapBounded(digests, AC_PROBE_PARALLEL, signal, async (d, s) => {
+    const found = await mapLimitCancelling(digests, AC_PROBE_PARALLEL, signal, async (d, s) => {
       try {
         await this.#unary(s, (s2) =>
           this.#ac.getActionResult(
@@ -675,61 +676,3 @@ export async function* rechunk(chunks: AsyncIterable<Uint8Array>, size: number):
   if (buf !== undefined && fill > 0) yield buf.subarray(0, fill);
 }
 
-/**
- * Maps items with at most `limit` calls in flight. The first failure aborts
- * the signal handed to the others and rejects; results keep item order.
- */
-async function mapBounded<T, R>(
-  items: readonly T[],
-  limit: number,
-  signal: AbortSignal | undefined,
-  fn: (item: T, signal: AbortSignal) => Promise<R>,
-): Promise<R[]> {
-  const ctl = new AbortController();
-  const linked = signal ? AbortSignal.any([signal, ctl.signal]) : ctl.signal;
-  const results = new Array<R>(items.length);
-  let next = 0;
-  const worker = async () => {
-    while (next < items.length && !linked.aborted) {
-      const i = next++;
-      results[i] = await fn(items[i]!, linked);
-    }
-  };
-  try {
-    await Promise.all(Array.from({ length: Math.min(limit, items.length) }, () => worker()));
-  } catch (err) {
-    ctl.abort(err);
-    throw err;
-  }
-  throwIfAborted(signal);
-  return results;
-}
-
-const NETWORK_CODES = new Set([
-  'ECONNREFUSED',
-  'ECONNRESET',
-  'EPIPE',
-  'ETIMEDOUT',
-  'EHOSTUNREACH',
-  'ENETUNREACH',
-  'ENOTFOUND',
-  'EAI_AGAIN',
-  'ERR_STREAM_DESTROYED',
-  'ERR_HTTP2_STREAM_CANCEL',
-  'ERR_HTTP2_STREAM_ERROR',
-  'ERR_HTTP2_SESSION_ERROR',
-  'ERR_HTTP2_GOAWAY_SESSION',
-  'ERR_HTTP2_INVALID_SESSION',
-  'ERR_HTTP2_ERROR',
-]);
-
-/** True if a socket or HTTP/2 session error is anywhere in the cause chain. */
-function hasNetworkCause(err: unknown): boolean {
-  const seen = new Set<unknown>();
-  for (let e: unknown = err; typeof e === 'object' && e !== null && !seen.has(e); e = (e as { cause?: unknown }).cause) {
-    seen.add(e);
-    const code = (e as { code?: unknown }).code;
-    if (typeof code === 'string' && NETWORK_CODES.has(code)) return true;
-  }
-  return false;
-}

@@ -2,6 +2,7 @@ import { join } from 'node:path';
 import { Code, ConnectError } from '@connectrpc/connect';
 import type { Logger } from 'pino';
 import { abortable, mapLimit } from '../concurrency.ts';
+import { noteShard } from '../request-context.ts';
 import type { Digest } from '../digest.ts';
 import { digestKey, digestOf, digestString, parseDigest } from '../digest.ts';
 import { DurableLog, type DurableLogFormat, type LogEntry } from '../durable-log.ts';
@@ -516,6 +517,7 @@ export class ShardingStore implements BlobStore {
 
   /** Runs one shard call, feeding its breaker and in-flight count. */
   async #call<T>(shard: Shard, signal: AbortSignal | undefined, fn: (signal: AbortSignal | undefined) => Promise<T>): Promise<T> {
+    noteShard(shard.name);
     shard.inFlight++;
     try {
       const result = await fn(signal);

@@ -1,10 +1,13 @@
 // `npm run bench`: throughput and latency of a storage node measured with a
 // real gRPC client from a separate process, printed as a markdown table next
-// to node:crypto's sha256 speed (the per-core ceiling for verified writes).
+// to node:crypto's sha256 speed (the per-core ceiling for verified writes),
+// followed by the edge's figures (bench/edge.ts): edge over three shards vs
+// one storage node direct, and failover times.
 // Each figure is the median of several runs; on a shared 2-core machine
 // expect +-40% noise between runs, so compare ratios taken in one run.
 import { createHash } from 'node:crypto';
 import { spawnNode } from '../test/helpers/spawn-node.ts';
+import { edgeBench } from './edge.ts';
 import {
   clients,
   findMissingMs,
@@ -32,7 +35,7 @@ function row(what: string, value: string, unit: string) {
 const blob = makeBlob(BLOB_MiB * MiB);
 row('node:crypto sha256, 64 KiB updates', fmt(median([1, 2, 3].map(() => sha256MiBps(blob.data, CHUNK)))), 'MiB/s');
 
-const node = await spawnNode({ config: { logLevel: 'warn' } });
+const node = await spawnNode({ config: { logLevel: 'info' } }); // info: spawnNode reads the port from the listening line
 try {
   const c = clients(node.url);
   const writes: number[] = [];
@@ -58,6 +61,9 @@ try {
 } finally {
   await node.stop();
 }
+
+// The edge over three shards vs one storage node, and failover (bench/edge.ts).
+rows.push(...(await edgeBench({ blobMiB: BLOB_MiB, runs: RUNS, onRow: ([w, v, u]) => console.error(`  ${w}: ${v} ${u}`) })));
 
 console.log('\n| measurement | value | unit |\n| --- | ---: | --- |');
 for (const [w, v, u] of rows) console.log(`| ${w} | ${v} | ${u} |`);

@@ -8,63 +8,37 @@
 import { create } from '@bufbuild/protobuf';
 import { createClient } from '@connectrpc/connect';
 import { createGrpcTransport } from '@connectrpc/connect-node';
-import { spawn, spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { cp, lstat, mkdir, mkdtemp, readdir, realpath, rm, stat } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { basename, dirname, join, relative } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
 import t from 'tap';
 import type { Test } from 'tap';
 import {
   ContentAddressableStorage,
   DigestSchema,
 } from '../../gen/build/bazel/remote/execution/v2/remote_execution_pb.ts';
+import { assertSucceeded, bazelPath, bazelTest, diskUsage, hashOutputs, prepareWorkspace } from '../helpers/bazel.ts';
 import { spawnNode } from '../helpers/spawn-node.ts';
 import type { SpawnedNode } from '../helpers/spawn-node.ts';
 
-const here = dirname(fileURLToPath(import.meta.url));
-const workspaceSource = join(here, 'bazel-workspace');
 const instanceName = 'ci/main';
-const bazelTimeoutMs = 300_000;
 const targets = ['//...'];
 
-const bazelPath = spawnSync('/bin/sh', ['-c', 'command -v bazel'], { encoding: 'utf8' }).stdout?.trim() ?? '';
-if (!bazelPath) {
-  if (process.env.CI === 'true') {
-    t.fail('bazel is not installed, but CI=true requires this test (apt-get install bazel-bootstrap)');
-  } else {
-    t.plan(0, 'bazel is not installed (apt-get install bazel-bootstrap bazel-bootstrap-source)');
-  }
-} else {
-  // A subtest, not the root: tap ends a root test that has a teardown once it
-  // looks idle, which a long await (a Bazel build) would trigger.
-  t.test('Bazel 4.2.3 against a storage node: cold, warm, --remote_download_minimal', main);
-}
+bazelTest(t, 'Bazel 4.2.3 against a storage node: cold, warm, --remote_download_minimal', main);
 
 async function main(t: Test): Promise<void> {
-  const root = await mkdtemp(join(tmpdir(), 'reapi-bazel-e2e-'));
-  const workspace = join(root, 'ws');
-  const outputUserRoot = join(root, 'bazel-root');
+  const ws = await prepareWorkspace('reapi-bazel-e2e-');
+  const { root, workspace } = ws;
   const nodeDir = join(root, 'node');
-  await cp(workspaceSource, workspace, {
-    recursive: true,
-    // a developer may have run bazel in the source dir: skip its symlinks
-    filter: (src) => !basename(src).startsWith('bazel-') || src === workspaceSource,
-  });
   let node: SpawnedNode | undefined;
   // One teardown, so the order is explicit: Bazel's server (even after a build
   // failed half way; a no-op if none runs), then the node, then the files.
   t.teardown(async () => {
-    spawnSync(bazelPath, [`--output_user_root=${outputUserRoot}`, 'shutdown'], { cwd: workspace, stdio: 'ignore' });
     if (node && !t.passing()) {
       console.error(`--- storage node log (last 60 lines) ---\n${node.logs().slice(-60).join('\n')}`);
     }
+    ws.shutdown();
     await node?.stop();
-    // Bazel makes parts of its output root read-only; make them writable first.
-    spawnSync('chmod', ['-R', 'u+w', root]);
-    await rm(root, { recursive: true, force: true });
+    await ws.remove();
   });
   await mkdir(nodeDir);
   node = await spawnNode({ dir: nodeDir });
@@ -76,7 +50,7 @@ async function main(t: Test): Promise<void> {
     '--disk_cache=',
     '--remote_timeout=60',
   ];
-  const bazel = (args: string[]) => runBazel(bazelPath, outputUserRoot, workspace, args);
+  const bazel = ws.bazel;
 
   // 1. Cold build: an empty cache, so everything runs locally and is uploaded.
   const cold = await bazel(['test', ...remoteFlags, ...targets]);
@@ -173,115 +147,4 @@ async function main(t: Test): Promise<void> {
   const shutdown = await bazel(['shutdown']);
   t.equal(shutdown.code, 0, 'bazel shutdown');
   t.comment(`timings: cold ${cold.ms} ms, warm ${warm.ms} ms, minimal ${minimal.ms} ms`);
-}
-
-interface ProcessSummary {
-  total: number;
-  internal: number;
-  remoteCacheHit: number;
-  /** Processes that ran on this machine (any sandbox, local or worker strategy). */
-  executed: number;
-  byStrategy: Record<string, number>;
-}
-
-interface BazelRun {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  ms: number;
-  output: string;
-  summaryLine: string;
-  processes: ProcessSummary;
-}
-
-async function runBazel(bazelPath: string, outputUserRoot: string, cwd: string, args: string[]): Promise<BazelRun> {
-  const started = Date.now();
-  const child = spawn(
-    bazelPath,
-    [`--output_user_root=${outputUserRoot}`, '--nohome_rc', '--max_idle_secs=120', ...args],
-    { cwd, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  let output = '';
-  child.stdout.setEncoding('utf8').on('data', (s: string) => (output += s));
-  child.stderr.setEncoding('utf8').on('data', (s: string) => (output += s));
-  const timer = setTimeout(() => child.kill('SIGKILL'), bazelTimeoutMs);
-  const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((res) =>
-    child.on('close', (c, s) => res([c, s])),
-  );
-  clearTimeout(timer);
-  const summaryLine = /^INFO: \d+ process(?:es)?\b.*$/m.exec(output)?.[0] ?? '(no process summary line)';
-  return { code, signal, ms: Date.now() - started, output, summaryLine, processes: parseSummary(summaryLine) };
-}
-
-/**
- * Parses Bazel's "INFO: 34 processes: 15 internal, 19 remote cache hit." line.
- * Everything that is neither "internal" (not a spawn) nor a remote cache hit
- * ran here: linux-sandbox, processwrapper-sandbox, local, worker, ...
- */
-function parseSummary(line: string): ProcessSummary {
-  const m = /^INFO: (\d+) process(?:es)?(?:: (.*?))?\.?$/.exec(line);
-  const byStrategy: Record<string, number> = {};
-  if (!m) return { total: -1, internal: -1, remoteCacheHit: -1, executed: -1, byStrategy };
-  for (const part of (m[2] ?? '').split(',')) {
-    const pm = /^\s*(\d+) (.+?)\s*$/.exec(part);
-    if (pm) byStrategy[pm[2]!] = Number(pm[1]);
-  }
-  const total = Number(m[1]);
-  const internal = byStrategy.internal ?? 0;
-  const remoteCacheHit = byStrategy['remote cache hit'] ?? 0;
-  return { total, internal, remoteCacheHit, executed: total - internal - remoteCacheHit, byStrategy };
-}
-
-function assertSucceeded(tap: Test, what: string, run: BazelRun): boolean {
-  const ok = run.code === 0 && run.processes.total >= 0;
-  tap.ok(ok, `${what} exits 0 with a process summary`, {
-    code: run.code,
-    signal: run.signal,
-    summary: run.summaryLine,
-    output: ok ? undefined : run.output.split('\n').slice(-60).join('\n'),
-  });
-  return ok;
-}
-
-interface OutputFile {
-  path: string;
-  size: number;
-  sha256: string;
-  executable: boolean;
-}
-
-/**
- * sha256 of every regular file under bazel-bin, keyed by its path there.
- * Runfiles trees and symlinks are skipped: they are local links, not outputs.
- */
-async function hashOutputs(bazelBin: string): Promise<Map<string, OutputFile>> {
-  const rootDir = await realpath(bazelBin);
-  const outputs = new Map<string, OutputFile>();
-  const walk = async (dir: string): Promise<void> => {
-    for (const entry of await readdir(dir, { withFileTypes: true })) {
-      const full = join(dir, entry.name);
-      if (entry.isDirectory()) {
-        if (!entry.name.endsWith('.runfiles')) await walk(full);
-      } else if (entry.isFile() && !entry.name.endsWith('.runfiles_manifest')) {
-        const st = await stat(full);
-        const path = relative(rootDir, full);
-        outputs.set(path, { path, size: st.size, sha256: await sha256File(full), executable: (st.mode & 0o100) !== 0 });
-      }
-    }
-  };
-  await walk(rootDir);
-  return outputs;
-}
-
-async function sha256File(path: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
-  return hash.digest('hex');
-}
-
-async function diskUsage(dir: string): Promise<number> {
-  let total = 0;
-  for (const entry of await readdir(dir, { withFileTypes: true, recursive: true })) {
-    if (entry.isFile()) total += (await lstat(join(entry.parentPath, entry.name))).size;
-  }
-  return total;
 }

@@ -1,0 +1,210 @@
+// Config validation for the edge's store kinds (remote, sharding, fallback)
+// and the supervised children: what a valid edge config becomes, and the
+// exact field-path message for each mistake (style of test/config.test.ts).
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import t from 'tap';
+import { ConfigError, loadConfig, parseConfig } from '../src/config.ts';
+
+const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const base = '/etc/reapi';
+
+const remote = (url = 'http://127.0.0.1:8981') => ({ remote: { url } });
+const sharding = (extra: Record<string, unknown> = {}) => ({
+  sharding: { shards: { a: { weight: 1, backend: remote() } }, handoffDir: 'h', ...extra },
+});
+
+function valid(): Record<string, unknown> {
+  return { listen: '127.0.0.1:8980', cas: { memory: { maxSizeBytes: 1024 } }, ac: { memory: { maxSizeBytes: 1024 } } };
+}
+
+function errorOf(raw: unknown): string {
+  try {
+    parseConfig(raw, { baseDir: base });
+  } catch (err) {
+    if (err instanceof ConfigError) return err.message;
+    throw err;
+  }
+  return '(no error)';
+}
+
+t.test('an edge tree: defaults filled in, relative dirs resolved against the config directory', async (t) => {
+  const c = parseConfig(
+    {
+      ...valid(),
+      cas: {
+        fallback: {
+          primary: {
+            sharding: {
+              shards: { a: { backend: remote() }, b: { weight: 3, backend: { remote: { url: 'https://b:1', instanceName: 'x', timeoutMs: 5, healthTimeoutMs: 6 } } } },
+              handoffDir: 'data/h',
+              probeDepth: 0,
+            },
+          },
+          secondary: remote('http://s:1'),
+          journalDir: '/var/j',
+          replication: { overflow: 'reject-new' },
+        },
+      },
+    },
+    { baseDir: base },
+  );
+  t.same(c.cas, {
+    kind: 'fallback',
+    primary: {
+      kind: 'sharding',
+      shards: [
+        { name: 'a', weight: 1, backend: { kind: 'remote', url: 'http://127.0.0.1:8981', instanceName: '', timeoutMs: undefined, healthTimeoutMs: undefined } },
+        { name: 'b', weight: 3, backend: { kind: 'remote', url: 'https://b:1', instanceName: 'x', timeoutMs: 5, healthTimeoutMs: 6 } },
+      ],
+      handoffDir: '/etc/reapi/data/h',
+      maxHints: undefined,
+      healthCheckIntervalMs: undefined,
+      healthCheckTimeoutMs: undefined,
+      probeDepth: 0,
+      probeWindowMs: undefined,
+    },
+    secondary: { kind: 'remote', url: 'http://s:1', instanceName: '', timeoutMs: undefined, healthTimeoutMs: undefined },
+    journalDir: '/var/j',
+    maxJournalEntries: undefined,
+    replication: { maxQueue: undefined, concurrency: undefined, overflow: 'reject-new' },
+    healthCheckIntervalMs: undefined,
+  });
+});
+
+t.test('the shipped config.json is the local cluster: an edge over shard-a/b/c with a fallback, and 4 children', async (t) => {
+  const c = await loadConfig(join(repoRoot, 'config.json'));
+  t.equal(c.cas.kind, 'fallback');
+  t.equal(c.ac.kind, 'completenessChecking');
+  const primary = c.cas.kind === 'fallback' ? c.cas.primary : undefined;
+  t.same(
+    primary?.kind === 'sharding' ? primary.shards.map((s) => [s.name, s.weight, s.backend.kind === 'remote' ? s.backend.url : '']) : [],
+    [
+      ['shard-a', 1, 'http://127.0.0.1:8981'],
+      ['shard-b', 1, 'http://127.0.0.1:8982'],
+      ['shard-c', 1, 'http://127.0.0.1:8983'],
+    ],
+  );
+  t.same(
+    c.children.map((ch) => [ch.name, ch.restart, `${ch.config.listen.host}:${ch.config.listen.port}`]),
+    [
+      ['shard-a', true, '127.0.0.1:8981'],
+      ['shard-b', true, '127.0.0.1:8982'],
+      ['shard-c', true, '127.0.0.1:8983'],
+      ['secondary', true, '127.0.0.1:8984'],
+    ],
+  );
+  const child = c.children[0]!.config;
+  t.same(child.cas, { kind: 'disk', path: join(repoRoot, 'data/shard-a/cas'), maxSizeBytes: 4294967296 }, 'child paths resolve against the config file');
+  t.same(child.children, [], 'children have no children');
+});
+
+t.test('children: restart defaults to true and can be turned off', async (t) => {
+  const c = parseConfig({ ...valid(), children: { 'n-1.x_y': { ...valid(), restart: false }, n2: valid() } }, { baseDir: base });
+  t.same(c.children.map((ch) => [ch.name, ch.restart]), [['n-1.x_y', false], ['n2', true]]);
+});
+
+t.test('errors in remote, sharding, fallback and children name the offending field', async (t) => {
+  const cases: Array<[string, Record<string, unknown>, string]> = [
+    // remote
+    ['remote without url', { ...valid(), cas: { remote: {} } }, 'config.cas.remote.url: required'],
+    ['remote url empty', { ...valid(), cas: remote('') }, 'config.cas.remote.url: expected a non-empty string, got ""'],
+    ['remote url grpc://', { ...valid(), cas: remote('grpc://127.0.0.1:8981') }, 'config.cas.remote.url: expected an http:// or https:// URL, got "grpc://127.0.0.1:8981"'],
+    ['remote url without scheme', { ...valid(), cas: remote('not a url') }, 'config.cas.remote.url: expected an http:// or https:// URL, got "not a url"'],
+    ['remote timeout zero', { ...valid(), cas: { remote: { url: 'http://a:1', timeoutMs: 0 } } }, 'config.cas.remote.timeoutMs: expected a positive integer, got 0'],
+    ['remote health timeout string', { ...valid(), ac: { remote: { url: 'http://a:1', healthTimeoutMs: '1s' } } }, 'config.ac.remote.healthTimeoutMs: expected a positive integer, got "1s"'],
+    ['remote instance name number', { ...valid(), cas: { remote: { url: 'http://a:1', instanceName: 5 } } }, 'config.cas.remote.instanceName: expected a string, got 5'],
+    ['remote unknown field', { ...valid(), cas: { remote: { url: 'http://a:1', tls: {} } } }, 'config.cas.remote.tls: unknown field (allowed: url, instanceName, timeoutMs, healthTimeoutMs)'],
+    // sharding
+    ['sharding without shards', { ...valid(), cas: { sharding: { handoffDir: 'h' } } }, 'config.cas.sharding.shards: required'],
+    ['shards as an array', { ...valid(), cas: { sharding: { shards: [], handoffDir: 'h' } } }, 'config.cas.sharding.shards: expected an object, got an array'],
+    ['no shards', { ...valid(), cas: { sharding: { shards: {}, handoffDir: 'h' } } }, 'config.cas.sharding.shards: needs at least one shard'],
+    ['sharding without handoffDir', { ...valid(), cas: { sharding: { shards: { a: { backend: remote() } } } } }, 'config.cas.sharding.handoffDir: required'],
+    ['shard weight zero', { ...valid(), cas: { sharding: { shards: { a: { weight: 0, backend: remote() } }, handoffDir: 'h' } } }, 'config.cas.sharding.shards.a.weight: expected a positive integer, got 0'],
+    ['shard weight fractional', { ...valid(), cas: { sharding: { shards: { a: { weight: 0.5, backend: remote() } }, handoffDir: 'h' } } }, 'config.cas.sharding.shards.a.weight: expected a positive integer, got 0.5'],
+    ['shard weight too large', { ...valid(), cas: { sharding: { shards: { a: { weight: 1_000_001, backend: remote() } }, handoffDir: 'h' } } }, 'config.cas.sharding.shards.a.weight: must be at most 1000000, got 1000001'],
+    ['shard without backend', { ...valid(), cas: { sharding: { shards: { a: { weight: 1 } }, handoffDir: 'h' } } }, 'config.cas.sharding.shards.a.backend: required'],
+    ['shard not an object', { ...valid(), cas: { sharding: { shards: { a: 'http://a:1' }, handoffDir: 'h' } } }, 'config.cas.sharding.shards.a: expected an object, got "http://a:1"'],
+    ['shard unknown field', { ...valid(), cas: { sharding: { shards: { a: { store: remote(), backend: remote() } }, handoffDir: 'h' } } }, 'config.cas.sharding.shards.a.store: unknown field (allowed: weight, backend)'],
+    ['shard backend error', { ...valid(), cas: { sharding: { shards: { a: { backend: remote('ftp://a') } }, handoffDir: 'h' } } }, 'config.cas.sharding.shards.a.backend.remote.url: expected an http:// or https:// URL, got "ftp://a"'],
+    [
+      'completeness check under a CAS shard',
+      { ...valid(), cas: { sharding: { shards: { a: { backend: { completenessChecking: { backend: remote() } } } }, handoffDir: 'h' } } },
+      'config.cas.sharding.shards.a.backend.completenessChecking: completenessChecking is only valid in the ac tree',
+    ],
+    ['handoffDir empty', { ...valid(), cas: sharding({ handoffDir: '' }) }, 'config.cas.sharding.handoffDir: expected a non-empty string, got ""'],
+    ['probeDepth negative', { ...valid(), cas: sharding({ probeDepth: -1 }) }, 'config.cas.sharding.probeDepth: expected a non-negative integer, got -1'],
+    ['health interval zero', { ...valid(), cas: sharding({ healthCheckIntervalMs: 0 }) }, 'config.cas.sharding.healthCheckIntervalMs: expected a positive integer, got 0'],
+    ['health timeout string', { ...valid(), cas: sharding({ healthCheckTimeoutMs: '500ms' }) }, 'config.cas.sharding.healthCheckTimeoutMs: expected a positive integer, got "500ms"'],
+    ['maxHints zero', { ...valid(), cas: sharding({ maxHints: 0 }) }, 'config.cas.sharding.maxHints: expected a positive integer, got 0'],
+    ['probeWindowMs negative', { ...valid(), cas: sharding({ probeWindowMs: -5 }) }, 'config.cas.sharding.probeWindowMs: expected a positive integer, got -5'],
+    [
+      'sharding unknown field',
+      { ...valid(), cas: sharding({ replicas: 2 }) },
+      'config.cas.sharding.replicas: unknown field (allowed: shards, handoffDir, maxHints, healthCheckIntervalMs, healthCheckTimeoutMs, probeDepth, probeWindowMs)',
+    ],
+    // fallback
+    ['fallback without primary', { ...valid(), cas: { fallback: { secondary: remote(), journalDir: 'j' } } }, 'config.cas.fallback.primary: required'],
+    ['fallback without secondary', { ...valid(), cas: { fallback: { primary: remote(), journalDir: 'j' } } }, 'config.cas.fallback.secondary: required'],
+    ['fallback without journalDir', { ...valid(), cas: { fallback: { primary: remote(), secondary: remote() } } }, 'config.cas.fallback.journalDir: required'],
+    [
+      'fallback primary error',
+      { ...valid(), ac: { fallback: { primary: { sharding: { shards: {}, handoffDir: 'h' } }, secondary: remote(), journalDir: 'j' } } },
+      'config.ac.fallback.primary.sharding.shards: needs at least one shard',
+    ],
+    [
+      'fallback secondary error',
+      { ...valid(), cas: { fallback: { primary: remote(), secondary: { remote: { url: 'http://a:1', timeoutMs: -1 } }, journalDir: 'j' } } },
+      'config.cas.fallback.secondary.remote.timeoutMs: expected a positive integer, got -1',
+    ],
+    [
+      'replication overflow',
+      { ...valid(), cas: { fallback: { primary: remote(), secondary: remote(), journalDir: 'j', replication: { overflow: 'drop' } } } },
+      'config.cas.fallback.replication.overflow: expected one of drop-oldest, reject-new, got "drop"',
+    ],
+    [
+      'replication concurrency zero',
+      { ...valid(), cas: { fallback: { primary: remote(), secondary: remote(), journalDir: 'j', replication: { concurrency: 0 } } } },
+      'config.cas.fallback.replication.concurrency: expected a positive integer, got 0',
+    ],
+    [
+      'replication unknown field',
+      { ...valid(), cas: { fallback: { primary: remote(), secondary: remote(), journalDir: 'j', replication: { batch: 1 } } } },
+      'config.cas.fallback.replication.batch: unknown field (allowed: maxQueue, concurrency, overflow)',
+    ],
+    [
+      'replication not an object',
+      { ...valid(), cas: { fallback: { primary: remote(), secondary: remote(), journalDir: 'j', replication: true } } },
+      'config.cas.fallback.replication: expected an object, got true',
+    ],
+    [
+      'fallback maxJournalEntries',
+      { ...valid(), cas: { fallback: { primary: remote(), secondary: remote(), journalDir: 'j', maxJournalEntries: 1.5 } } },
+      'config.cas.fallback.maxJournalEntries: expected a positive integer, got 1.5',
+    ],
+    [
+      'fallback unknown field',
+      { ...valid(), cas: { fallback: { primary: remote(), secondary: remote(), journalDir: 'j', tertiary: remote() } } },
+      'config.cas.fallback.tertiary: unknown field (allowed: primary, secondary, journalDir, maxJournalEntries, replication, healthCheckIntervalMs)',
+    ],
+    // children
+    ['children as an array', { ...valid(), children: [] }, 'config.children: expected an object, got an array'],
+    ['child name with a space', { ...valid(), children: { 'shard a': valid() } }, "config.children.shard a: child names may contain only letters, digits, '.', '_' and '-'"],
+    ['child name with a slash', { ...valid(), children: { 'a/b': valid() } }, "config.children.a/b: child names may contain only letters, digits, '.', '_' and '-'"],
+    ['child not an object', { ...valid(), children: { a: 'config.json' } }, 'config.children.a: expected an object, got "config.json"'],
+    ['child without listen', { ...valid(), children: { a: { cas: valid().cas, ac: valid().ac } } }, 'config.children.a.listen: required'],
+    ['child restart not boolean', { ...valid(), children: { a: { ...valid(), restart: 'yes' } } }, 'config.children.a.restart: expected true or false, got "yes"'],
+    [
+      'grandchildren',
+      { ...valid(), children: { a: { ...valid(), children: {} } } },
+      'config.children.a.children: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, restart)',
+    ],
+    ['restart at the top', { ...valid(), restart: true }, 'config.restart: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, children)'],
+    [
+      'child store error',
+      { ...valid(), children: { a: { ...valid(), cas: { disk: { path: 'x', maxSizeBytes: -1 } } } } },
+      'config.children.a.cas.disk.maxSizeBytes: expected a positive integer, got -1',
+    ],
+  ];
+  for (const [name, raw, message] of cases) t.equal(errorOf(raw), message, name);
+});

@@ -95,6 +95,12 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     requestGate: watchEarlyErrors(logger),
     readMaxBytes: maxMessageBytes,
     writeMaxBytes: maxMessageBytes,
+    // Never gzip responses: blobs are mostly incompressible or already
+    // compressed, REAPI has its own compression (compressed-blobs/zstd), and
+    // gzip of every read message made ByteStream reads 5-8x slower because
+    // clients such as connect-node advertise gzip by default. Compressed
+    // requests are still accepted.
+    compressMinBytes: Number.MAX_SAFE_INTEGER,
     // For curl users: a misspelt field is an error, not silently ignored.
     jsonOptions: { ignoreUnknownFields: false },
     shutdownTimeoutMs,

@@ -16,7 +16,7 @@ import {
   Execution,
   FindMissingBlobsRequestSchema,
 } from '../../gen/build/bazel/remote/execution/v2/remote_execution_pb.ts';
-import { ByteStream } from '../../gen/google/bytestream/bytestream_pb.ts';
+import { ByteStream, ReadRequestSchema } from '../../gen/google/bytestream/bytestream_pb.ts';
 import { Health, HealthCheckResponse_ServingStatus } from '../../gen/grpc/health/v1/health_pb.ts';
 import { digestOf, toProtoDigest } from '../../src/digest.ts';
 import { MemoryStore } from '../../src/stores/memory-store.ts';
@@ -338,4 +338,37 @@ t.test('node src/main.ts serves, logs its address, and exits 0 on SIGTERM with a
   t.same(exit, { code: 0, signal: null });
   t.ok(Date.now() - started < 5000, `exited in ${Date.now() - started} ms`);
   t.ok(node.logs().some((l) => l.includes('"msg":"stopped"')), 'logs a clean stop');
+});
+
+t.test('responses are never gzip-compressed, even for clients that accept gzip', async (t) => {
+  const node = await startNode();
+  t.teardown(node.close);
+  const data = Buffer.alloc(64 * 1024, 'a'); // highly compressible, well over any threshold
+  const d = toProtoDigest(digestOf(data));
+  const { cas } = grpcClients(node);
+  await cas.batchUpdateBlobs({ requests: [{ digest: d, data }] });
+
+  const session = http2.connect(node.url);
+  t.teardown(() => session.close());
+  const req = session.request({
+    ':method': 'POST',
+    ':path': `/google.bytestream.ByteStream/Read`,
+    'content-type': 'application/grpc',
+    te: 'trailers',
+    'grpc-accept-encoding': 'gzip',
+  });
+  const body = toBinary(ReadRequestSchema, create(ReadRequestSchema, { resourceName: `blobs/${d.hash}/${d.sizeBytes}` }));
+  const frame = Buffer.alloc(5 + body.length);
+  frame.writeUInt32BE(body.length, 1);
+  frame.set(body, 5);
+  req.end(frame);
+  const chunks: Buffer[] = [];
+  for await (const chunk of req) chunks.push(chunk as Buffer);
+  const wire = Buffer.concat(chunks);
+  // gRPC marks compression per message: the first byte of each frame.
+  const flags: number[] = [];
+  for (let off = 0; off + 5 <= wire.length; off += 5 + wire.readUInt32BE(off + 1)) flags.push(wire[off]!);
+  t.ok(flags.length > 0, `${flags.length} response messages`);
+  t.same(new Set(flags), new Set([0]), 'every response message is sent uncompressed');
+  t.ok(wire.length > data.length, `the ${data.length} bytes came back uncompressed (${wire.length} bytes on the wire)`);
 });

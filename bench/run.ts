@@ -8,6 +8,7 @@
 import { createHash } from 'node:crypto';
 import { spawnNode } from '../test/helpers/spawn-node.ts';
 import { edgeBench } from './edge.ts';
+import { fallbackBench } from './fallback.ts';
 import {
   clients,
   findMissingMs,
@@ -64,6 +65,9 @@ try {
 
 // The edge over three shards vs one storage node, and failover (bench/edge.ts).
 rows.push(...(await edgeBench({ blobMiB: BLOB_MiB, runs: RUNS, onRow: ([w, v, u]) => console.error(`  ${w}: ${v} ${u}`) })));
+
+// The fallback pair: replication throughput and the healthy-path cost (bench/fallback.ts).
+rows.push(...(await fallbackBench({ blobMiB: BLOB_MiB, runs: RUNS, onRow: ([w, v, u]) => console.error(`  ${w}: ${v} ${u}`) })));
 
 console.log('\n| measurement | value | unit |\n| --- | ---: | --- |');
 for (const [w, v, u] of rows) console.log(`| ${w} | ${v} | ${u} |`);

@@ -92,6 +92,14 @@ export interface FallbackStoreOptions {
   readonly failoverBufferBytes?: number | undefined;
   /** Deadline of one background copy (replication, replay, repair). Default 5 min. */
   readonly backgroundTimeoutMs?: number | undefined;
+  /**
+   * Deadline for asking the secondary, with the primary healthy, about what
+   * the primary lacks (FindMissing). On failure or timeout the secondary is
+   * left out of FindMissing for `secondaryLookupCooldownMs`. Default 2 s.
+   */
+  readonly secondaryLookupTimeoutMs?: number | undefined;
+  /** Default 5 s. */
+  readonly secondaryLookupCooldownMs?: number | undefined;
   readonly logger?: Logger | undefined;
 }
 
@@ -103,6 +111,9 @@ export interface FallbackStoreOpenOptions extends Omit<FallbackStoreOptions, 'jo
 }
 
 export const JOURNAL_FILE = 'fallback-journal.jsonl';
+
+/** At most one replication-overflow log line per this interval (the first is logged at once). */
+export const OVERFLOW_LOG_INTERVAL_MS = 10_000;
 
 // No store holds this (its size does not match the hash of any content we
 // know), so a FindMissing for it is a cheap, answer-only probe.
@@ -197,9 +208,19 @@ export class FallbackStore implements BlobStore {
   readonly #replay: CopyQueue;
   readonly #repairs: CopyQueue;
   #healthTimer: NodeJS.Timeout | undefined;
+  // Replication overflows not yet reported in a log line, and when the last line went out.
+  #overflowUnlogged = 0;
+  #overflowLoggedAt = Number.NEGATIVE_INFINITY;
+  #overflowLast: Digest | undefined;
+  #overflowTimer: NodeJS.Timeout | undefined;
   #healthRunning: Promise<void> | undefined;
   #closePromise: Promise<void> | undefined;
   #failovers = 0;
+  readonly #secondaryLookupTimeoutMs: number;
+  readonly #secondaryLookupCooldownMs: number;
+  #secondaryLookupSkipUntil = 0;
+  #secondaryLookupFailures = 0;
+  #secondaryLookupsSkipped = 0;
 
   constructor(opts: FallbackStoreOptions) {
     this.#primary = opts.primary;
@@ -210,6 +231,8 @@ export class FallbackStore implements BlobStore {
     this.#healthIntervalMs = positive(opts.healthCheckIntervalMs ?? 2000, 'healthCheckIntervalMs');
     this.#healthTimeoutMs = positive(opts.healthCheckTimeoutMs ?? 2000, 'healthCheckTimeoutMs');
     this.#failoverBufferBytes = Math.max(0, opts.failoverBufferBytes ?? 1024 * 1024);
+    this.#secondaryLookupTimeoutMs = positive(opts.secondaryLookupTimeoutMs ?? 2000, 'secondaryLookupTimeoutMs');
+    this.#secondaryLookupCooldownMs = Math.max(0, opts.secondaryLookupCooldownMs ?? 5000);
     this.#check = opts.primaryHealthCheck
       ?? (async (signal) => this.#primary.findMissing([PROBE_DIGEST], { signal }));
     const backgroundTimeoutMs = positive(opts.backgroundTimeoutMs ?? 300_000, 'backgroundTimeoutMs');
@@ -228,6 +251,7 @@ export class FallbackStore implements BlobStore {
       canRun: primaryUp,
       run: (job, signal) => this.#replicate(job, signal),
       onGiveUp: (job, err) => this.#log?.warn({ blob: digestString(job.digest), err: describe(err) }, 'fallback: replication to the secondary failed'),
+      onOverflow: (given) => this.#replicationOverflowed(given),
     });
     const replay = opts.replay ?? {};
     const maxNotFound = positive(replay.maxNotFound ?? 3, 'replay.maxNotFound');
@@ -298,13 +322,27 @@ export class FallbackStore implements BlobStore {
       }
       if (onPrimary !== undefined) {
         if (onPrimary.length === 0) return onPrimary;
+        // Every new blob is one the primary lacks (ByteStream Write asks
+        // before each upload), so a hung secondary must not hold up the
+        // healthy path: its answer is bounded, and after a failure it is
+        // left out for a while. Reporting more missing only costs an upload.
+        if (Date.now() < this.#secondaryLookupSkipUntil) {
+          this.#secondaryLookupsSkipped++;
+          return onPrimary;
+        }
         let onSecondary: Digest[];
         try {
-          onSecondary = await this.#secondary.findMissing(onPrimary, opts);
+          const timeout = AbortSignal.timeout(this.#secondaryLookupTimeoutMs);
+          const signal = opts?.signal === undefined ? timeout : AbortSignal.any([opts.signal, timeout]);
+          onSecondary = await this.#secondary.findMissing(onPrimary, { ...opts, signal });
         } catch (err) {
           throwIfAborted(opts?.signal);
-          // Reporting more missing than needed only costs an upload.
-          this.#log?.warn({ err: describe(err) }, 'fallback: secondary FindMissing failed; reporting what the primary lacks');
+          this.#secondaryLookupFailures++;
+          this.#secondaryLookupSkipUntil = Date.now() + this.#secondaryLookupCooldownMs;
+          this.#log?.warn(
+            { err: describe(err), skipMs: this.#secondaryLookupCooldownMs },
+            'fallback: secondary FindMissing failed; reporting what the primary lacks, and not asking the secondary for a while',
+          );
           return onPrimary;
         }
         const stillMissing = new Set(onSecondary.map(digestKey));
@@ -410,6 +448,7 @@ export class FallbackStore implements BlobStore {
       serving: this.#primaryUp() ? 'primary' : 'secondary',
       breaker: this.#breaker.snapshot(),
       failovers: this.#failovers,
+      secondaryLookups: { failed: this.#secondaryLookupFailures, skipped: this.#secondaryLookupsSkipped },
       replication: {
         queued: replication.queued,
         inFlight: replication.inFlight,
@@ -457,6 +496,9 @@ export class FallbackStore implements BlobStore {
     this.#closing.abort(new ConnectError('fallback store is closing', Code.Unavailable));
     clearTimeout(this.#healthTimer);
     this.#healthTimer = undefined;
+    clearTimeout(this.#overflowTimer);
+    this.#overflowTimer = undefined;
+    this.#logOverflow();
     await this.#healthRunning;
     await Promise.all([this.#replication.close(), this.#replay.close(), this.#repairs.close()]);
     const results = await Promise.allSettled([this.#journal.close(), this.#primary.close(), this.#secondary.close()]);
@@ -514,6 +556,46 @@ export class FallbackStore implements BlobStore {
       throw new ConnectError(`fallback: primary is unavailable and ${why}; refusing the write`, Code.Unavailable, undefined, undefined, err);
     }
     this.#replay.add(digest, seq);
+  }
+
+  /**
+   * Overflow loses a blob's backup silently unless someone watches
+   * describe(), so it is also logged, rate-limited: the first at once, the
+   * rest summed into at most one line per OVERFLOW_LOG_INTERVAL_MS (a
+   * trailing line reports the end of a burst).
+   */
+  #replicationOverflowed(given: Digest): void {
+    this.#overflowUnlogged++;
+    this.#overflowLast = given;
+    if (this.#overflowTimer !== undefined) return;
+    const wait = this.#overflowLoggedAt + OVERFLOW_LOG_INTERVAL_MS - Date.now();
+    if (wait <= 0) {
+      this.#logOverflow();
+      return;
+    }
+    this.#overflowTimer = setTimeout(() => {
+      this.#overflowTimer = undefined;
+      this.#logOverflow();
+    }, wait);
+    this.#overflowTimer.unref();
+  }
+
+  #logOverflow(): void {
+    if (this.#overflowUnlogged === 0) return;
+    const stats = this.#replication.stats();
+    const policy = this.#replication.overflowPolicy;
+    this.#log?.warn(
+      {
+        overflow: this.#overflowUnlogged,
+        overflowTotal: stats.overflow,
+        policy,
+        queued: stats.queued,
+        lastGivenUp: this.#overflowLast === undefined ? undefined : digestString(this.#overflowLast),
+      },
+      `fallback: replication queue full; ${this.#overflowUnlogged} blob(s) will not be copied to the secondary (${policy})`,
+    );
+    this.#overflowUnlogged = 0;
+    this.#overflowLoggedAt = Date.now();
   }
 
   #queueRepair(digest: Digest): void {
@@ -656,6 +738,8 @@ interface CopyQueueOptions {
   readonly canRun: () => boolean;
   readonly run: (job: CopyJob, signal: AbortSignal) => Promise<CopyOutcome>;
   readonly onGiveUp: (job: CopyJob, err: unknown) => void;
+  /** Called once per item given up for overflow (the dropped oldest, or the rejected new one). */
+  readonly onOverflow?: ((given: Digest) => void) | undefined;
 }
 
 interface CopyQueueStats {
@@ -711,9 +795,13 @@ class CopyQueue {
     }
     if (this.#pending.size >= this.#o.maxQueue) {
       this.#overflow++;
-      if (this.#o.overflow === 'reject-new') return false;
+      if (this.#o.overflow === 'reject-new') {
+        this.#o.onOverflow?.(digest);
+        return false;
+      }
       const oldest = this.#pending.values().next().value!;
       this.#unqueue(oldest);
+      this.#o.onOverflow?.(oldest.digest);
     }
     const job: CopyJob = { key, digest, seq, nextSeq: seq, enqueuedAt: Date.now(), attempts: 0, again: false, timer: undefined };
     this.#pending.set(key, job);

@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Code, ConnectError } from '@connectrpc/connect';
+import { pino } from 'pino';
 import t from 'tap';
 import type { Digest } from '../../src/digest.ts';
 import { digestKey, digestOf } from '../../src/digest.ts';
@@ -149,6 +150,42 @@ t.test('replication is deduplicated by digest', async (t) => {
   t.match(r.stats().replication, { inFlight: 1, queued: 1 });
   await waitFor(() => r.stats().replication.done === 2, 'replication');
   t.equal(r.secondary.calls.put, 2, 'one copy per digest');
+});
+
+t.test('a hung secondary does not hold up FindMissing on the healthy path', async (t) => {
+  const r = await rig({ secondaryLookupTimeoutMs: 100, secondaryLookupCooldownMs: 60_000 });
+  r.secondary.mode = 'blackhole';
+  // The deadline is an unref'd timer (a server holds the loop open); hold it here.
+  const keepAlive = setInterval(() => {}, 1000);
+  t.teardown(() => clearInterval(keepAlive));
+  const fresh = [blob('new 1'), blob('new 2'), blob('new 3')];
+  let t0 = Date.now();
+  t.same(await r.store.findMissing([fresh[0]!.digest]), [fresh[0]!.digest], 'what the primary lacks is reported missing');
+  const first = Date.now() - t0;
+  t.ok(first >= 90 && first < 1000, `the first lookup gives up on the secondary after its deadline (${first} ms)`);
+  t0 = Date.now();
+  t.same(await r.store.findMissing([fresh[1]!.digest, fresh[2]!.digest]), [fresh[1]!.digest, fresh[2]!.digest]);
+  t.ok(Date.now() - t0 < 50, `later lookups leave the secondary out (${Date.now() - t0} ms)`);
+  t.equal(r.secondary.calls.findMissing, 1, 'the secondary was asked once');
+  t.match(r.store.describe(), { serving: 'primary', secondaryLookups: { failed: 1, skipped: 1 } });
+  await put(r.store, fresh[0]!);
+  t.same(await r.store.findMissing([fresh[0]!.digest]), [], 'a blob the primary holds is present, secondary or not');
+});
+
+t.test('replication overflow is logged, rate-limited, with the count given up', async (t) => {
+  const lines: Record<string, unknown>[] = [];
+  const logger = pino({ level: 'warn' }, { write: (s: string) => void lines.push(JSON.parse(s) as Record<string, unknown>) });
+  const r = await rig({ replication: { maxQueue: 2, concurrency: 1 }, logger });
+  r.secondary.mode = 'slow';
+  r.secondary.delayMs = 100;
+  const blobs = Array.from({ length: 10 }, (_, i) => blob(`overflow log ${i}`));
+  for (const b of blobs) await put(r.store, b);
+  const overflowLines = () => lines.filter((l) => /replication queue full/.test(String(l.msg)));
+  t.equal(overflowLines().length, 1, 'one line for a burst, at once');
+  t.match(overflowLines()[0], { level: 40, overflow: 1, overflowTotal: 1, policy: 'drop-oldest' });
+  await r.store.close(); // flushes what the rate limit held back
+  t.equal(overflowLines().length, 2, 'the rest of the burst in one trailing line');
+  t.match(overflowLines()[1], { overflow: 6, overflowTotal: 7 });
 });
 
 for (const overflow of ['drop-oldest', 'reject-new'] as const) {

@@ -21,15 +21,20 @@ export interface CircuitBreakerOptions {
   readonly healthCheckFailures?: number | undefined;
   /** Successful probes (health checks) in a row needed to close from half-open. Default 3. */
   readonly closeAfterProbes?: number | undefined;
-  /** First open -> half-open delay. Default 1 s. */
+  /**
+   * Open -> half-open delay of a first open, and of every reopen after a
+   * failed probe (the shard is still down: keep probing it at this pace).
+   * Default 1 s.
+   */
   readonly backoffInitialMs?: number | undefined;
   /** Cap on the grown delay. Default 60 s. */
   readonly backoffMaxMs?: number | undefined;
-  /** Growth factor per failed recovery. Default 2. */
+  /** Growth factor per flap (an open soon after a close). Default 2. */
   readonly backoffMultiplier?: number | undefined;
   /**
    * How long the breaker must stay closed before the backoff shrinks back to
-   * its initial value. Until then, opening again grows it. Default 5 min.
+   * its initial value. Until then, opening again from closed grows it (the
+   * shard is flapping). Default 5 min.
    */
   readonly backoffResetMs?: number | undefined;
   /** Clock in ms since the epoch; injectable for tests. Default Date.now. */
@@ -57,7 +62,11 @@ export interface BreakerSnapshot {
   readonly consecutiveFailures: number;
   readonly recentFailures: number;
   readonly recentRequests: number;
-  /** The delay the next (or current) open state uses. */
+  /**
+   * The delay the current open state uses; otherwise the one the next open
+   * would use (closed: grown while the shard is flapping; half-open or
+   * drained: the initial backoff a failed probe reopens it for).
+   */
   readonly backoffMs: number;
   /** When an open breaker turns half-open; null in other states. */
   readonly halfOpenAt: number | null;
@@ -78,11 +87,18 @@ const BUCKETS = 10;
  * - open -> half-open once the backoff has elapsed (evaluated lazily against
  *   the injectable clock, so no timers are owned here).
  * - half-open -> closed after `closeAfterProbes` successful probes in a row;
- *   any failed probe reopens it with a longer backoff.
- * - Hysteresis: the backoff grows by `backoffMultiplier` (capped at
- *   `backoffMaxMs`) each time the shard fails to recover, and stays grown
- *   until the breaker has been closed for `backoffResetMs`, so a flapping
- *   shard is readmitted less and less often instead of bouncing traffic.
+ *   a failed probe reopens it for `backoffInitialMs` only. Probes are health
+ *   checks, never client traffic, so probing a dead shard costs next to
+ *   nothing, and a shard that was down for an hour takes traffic again within
+ *   about backoffInitialMs + closeAfterProbes health-check intervals of its
+ *   return, not an hour-long backoff later.
+ * - Hysteresis against flapping: an open from closed within `backoffResetMs`
+ *   of the last close (the shard fell over again soon after it was
+ *   readmitted) holds it open `backoffMultiplier` times longer than the
+ *   previous such open, capped at `backoffMaxMs`; the grown hold stays until
+ *   the breaker has been closed for `backoffResetMs`. Every readmission of a
+ *   flapping shard is thus followed by a longer hold, so it is readmitted
+ *   less and less often instead of bouncing traffic.
  * - drain() holds it in 'drained' (manual) whatever the signals say;
  *   undrain() moves it to half-open so probes confirm the shard before
  *   traffic returns.
@@ -117,9 +133,12 @@ export class CircuitBreaker extends EventEmitter<{ transition: [BreakerTransitio
   #consecutive = 0;
   #healthFailures = 0;
   #probeSuccesses = 0;
+  // Flap level: how many times the hold of an open from closed has grown.
   // -1: never opened, or closed long enough to forget.
   #level = -1;
   #openUntil = 0;
+  // The delay of the current (or last) open state.
+  #openBackoffMs = 0;
   // Sliding window: bucket i counts the requests of epoch #epochs[i].
   readonly #epochs = new Array<number>(BUCKETS).fill(-1);
   readonly #requests = new Array<number>(BUCKETS).fill(0);
@@ -236,7 +255,7 @@ export class CircuitBreaker extends EventEmitter<{ transition: [BreakerTransitio
       consecutiveFailures: this.#consecutive,
       recentFailures: failures,
       recentRequests: requests,
-      backoffMs: this.#backoffMs(state === 'open' ? this.#level : this.#nextLevel()),
+      backoffMs: state === 'open' ? this.#openBackoffMs : state === 'closed' ? this.#backoffMs(this.#nextLevel()) : this.#initialMs,
       halfOpenAt: state === 'open' ? this.#openUntil : null,
       probeSuccesses: this.#probeSuccesses,
     };
@@ -244,22 +263,31 @@ export class CircuitBreaker extends EventEmitter<{ transition: [BreakerTransitio
 
   #refresh(): void {
     if (this.#state === 'open' && this.#now() >= this.#openUntil) {
-      this.#transition('half-open', `backoff of ${this.#backoffMs(this.#level)} ms elapsed`, false);
+      this.#transition('half-open', `backoff of ${this.#openBackoffMs} ms elapsed`, false);
     }
   }
 
   #open(reason: string): void {
-    this.#level = this.#nextLevel();
-    const backoffMs = this.#backoffMs(this.#level);
+    let backoffMs: number;
+    if (this.#state === 'closed') {
+      this.#level = this.#nextLevel();
+      backoffMs = this.#backoffMs(this.#level);
+    } else {
+      // A failed probe: the shard is still down, which is no reason to wait
+      // longer for it (probes are cheap); the flap level is kept.
+      backoffMs = this.#initialMs;
+    }
+    this.#openBackoffMs = backoffMs;
     this.#openUntil = this.#now() + backoffMs;
     this.#transition('open', reason, false, backoffMs);
   }
 
-  // The backoff level an open would use now: grown when the shard is failing
-  // to recover (half-open) or fell over again soon after closing.
+  // The flap level an open from closed would use now: the first open (or
+  // one after a long quiet period closed) starts at 0; falling over again
+  // soon after closing grows it.
   #nextLevel(): number {
     if (this.#level < 0) return 0;
-    if (this.#state === 'closed' && this.#now() - this.#since >= this.#resetMs) return 0;
+    if (this.#now() - this.#since >= this.#resetMs) return 0;
     return this.#level + 1;
   }
 

@@ -125,7 +125,23 @@ t.test('open -> half-open after the backoff; M good probes close it', async (t) 
   t.equal(transitions[2]!.reason, '2 successful probes');
 });
 
-t.test('backoff grows while the shard fails to recover, is capped, and stays grown after closing', async (t) => {
+/**
+ * Health checks as ShardingStore runs them: every `intervalMs` for
+ * `durationMs`, passing exactly when `up(t)` holds (t: ms since the start).
+ */
+function probe(
+  { breaker, clock }: ReturnType<typeof setup>,
+  intervalMs: number,
+  durationMs: number,
+  up: (t: number) => boolean,
+): void {
+  for (let t = 0; t < durationMs; t += intervalMs) {
+    clock.advance(intervalMs);
+    breaker.recordHealthCheck(up(t + intervalMs), up(t + intervalMs) ? '' : 'refused');
+  }
+}
+
+t.test('while the shard stays down, failed probes reopen it for the initial backoff only', async (t) => {
   const { breaker, clock, transitions } = setup();
   for (let i = 0; i < 3; i++) breaker.recordFailure(unavailable());
   const backoffs: number[] = [];
@@ -133,29 +149,89 @@ t.test('backoff grows while the shard fails to recover, is capped, and stays gro
     backoffs.push(breaker.snapshot().backoffMs);
     clock.advance(breaker.snapshot().backoffMs);
     t.equal(breaker.state, 'half-open');
+    t.equal(breaker.snapshot().backoffMs, 1000, 'half-open: a failed probe would reopen it for the initial backoff');
     breaker.recordHealthCheck(false, 'refused');
     t.equal(breaker.state, 'open');
   }
-  t.same(backoffs, [1000, 2000, 4000, 8000, 8000]);
-  t.match(transitions.at(-1)!.reason, /^probe failed in half-open: refused$/);
+  t.same(backoffs, [1000, 1000, 1000, 1000, 1000]);
+  t.match(transitions.at(-1), { from: 'half-open', to: 'open', backoffMs: 1000, reason: 'probe failed in half-open: refused' });
+});
 
-  // Recover, then flap soon after: the backoff keeps growing (hysteresis).
-  clock.advance(8000);
-  breaker.recordHealthCheck(true);
-  breaker.recordHealthCheck(true);
-  t.equal(breaker.state, 'closed');
-  clock.advance(5000);
+t.test('a shard down for ten minutes takes traffic again within initial backoff + closeAfterProbes checks of its return', async (t) => {
+  const interval = 250;
+  for (const closeAfterProbes of [2, 3]) {
+    for (const returnAt of [600_000, 600_125, 600_900]) {
+      const b = setup({ closeAfterProbes, backoffMaxMs: 60_000 });
+      const start = b.clock.now();
+      let closedAt: number | undefined;
+      b.breaker.on('transition', (tr) => {
+        if (tr.to === 'closed') closedAt ??= tr.at - start;
+      });
+      probe(b, interval, 700_000, (now) => now >= returnAt);
+      const opens = b.transitions.filter((x) => x.to === 'open');
+      t.ok(opens.length > 500, `probed all along (${opens.length} reopens)`);
+      t.ok(opens.every((x) => x.backoffMs === 1000), 'never waited longer than the initial backoff');
+      const bound = 1000 + closeAfterProbes * interval;
+      t.ok(
+        closedAt !== undefined && closedAt - returnAt <= bound,
+        `closeAfterProbes ${closeAfterProbes}, back at +${returnAt} ms: closed ${closedAt === undefined ? 'never' : `${closedAt - returnAt} ms`} later (bound ${bound} ms)`,
+      );
+    }
+  }
+});
+
+t.test('flapping: each open soon after a close holds longer, capped, and stays grown until closed for backoffResetMs', async (t) => {
+  const { breaker, clock } = setup();
+  const reopenSoonAfterClosing = () => {
+    clock.advance(breaker.snapshot().backoffMs);
+    breaker.recordHealthCheck(true);
+    breaker.recordHealthCheck(true);
+    t.equal(breaker.state, 'closed');
+    clock.advance(5000);
+    for (let i = 0; i < 3; i++) breaker.recordFailure(unavailable());
+    t.equal(breaker.state, 'open');
+    return breaker.snapshot().backoffMs;
+  };
   for (let i = 0; i < 3; i++) breaker.recordFailure(unavailable());
-  t.equal(breaker.state, 'open');
-  t.equal(breaker.snapshot().backoffMs, 8000, 'flapping shard is not readmitted quickly');
+  const holds = [breaker.snapshot().backoffMs];
+  for (let i = 0; i < 4; i++) holds.push(reopenSoonAfterClosing());
+  t.same(holds, [1000, 2000, 4000, 8000, 8000], 'flapping shard is readmitted less and less often');
+
+  // A failed probe in between does not shrink the next hold.
+  clock.advance(8000);
+  breaker.recordHealthCheck(false, 'refused');
+  t.equal(breaker.snapshot().backoffMs, 1000, 'still down: probed again soon');
+  t.equal(reopenSoonAfterClosing(), 8000, 'the flap level is kept across failed probes');
 
   // After a long quiet period closed, the backoff starts small again.
   clock.advance(8000);
   breaker.recordHealthCheck(true);
   breaker.recordHealthCheck(true);
+  t.equal(breaker.snapshot().backoffMs, 8000, 'closed: the next open would still hold long');
   clock.advance(60_000);
+  t.equal(breaker.snapshot().backoffMs, 1000);
   for (let i = 0; i < 3; i++) breaker.recordFailure(unavailable());
   t.equal(breaker.snapshot().backoffMs, 1000);
+});
+
+t.test('a flapping shard is readmitted fewer times than it flaps', async (t) => {
+  // Down 500 ms, up 1500 ms, 20 times; checks every 100 ms. Without the
+  // hysteresis it would be readmitted on every flap (open at +200 ms, half-open
+  // at +1200 ms, closed at +1400 ms).
+  const b = setup({ backoffMaxMs: 8000 });
+  const period = 2000;
+  const flaps = 20;
+  probe(b, 100, flaps * period, (now) => now % period >= 500);
+  const readmissions = b.transitions.filter((x) => x.to === 'closed').length;
+  const holds = b.transitions.filter((x) => x.from === 'closed' && x.to === 'open').map((x) => x.backoffMs);
+  t.ok(readmissions < flaps / 2, `${readmissions} readmissions for ${flaps} flaps`);
+  t.same(holds.slice(0, 4), [1000, 2000, 4000, 8000], 'each flap holds it out longer');
+
+  // The same shard without hysteresis (multiplier 1) is readmitted every time:
+  // the test above can fail.
+  const flat = setup({ backoffMultiplier: 1 });
+  probe(flat, 100, flaps * period, (now) => now % period >= 500);
+  t.equal(flat.transitions.filter((x) => x.to === 'closed').length, flaps);
 });
 
 t.test('a reopened-and-closed breaker does not trip on failures from before', async (t) => {

@@ -288,6 +288,7 @@ export function registerTreeMetrics(registry: Registry, source: TreeMetricsSourc
   counter('reapi_edge_sharding_handoff_lost_total', 'Hinted blobs given up on (gone from the stand-in, or corrupt).', S, field('sharding', (n) => num(n, 'handoffLost')));
   counter('reapi_edge_sharding_probe_hits_total', 'Blobs found on a shard other than their owner.', S, field('sharding', (n) => num(n, 'probeHits')));
   counter('reapi_edge_sharding_retries_total', 'Writes retried on the next-ranked shard after an infrastructure failure.', S, field('sharding', (n) => num(n, 'retries')));
+  counter('reapi_edge_sharding_aborted_on_open_total', 'Shard calls cancelled (and retried elsewhere) because the shard\'s breaker opened while they waited.', S, field('sharding', (n) => num(n, 'abortedOnOpen')));
 
   // Fallback pairs.
   gauge('reapi_edge_fallback_serving', 'Which side of a fallback pair serves traffic: 1 for the serving side.', [...S, 'side'], () => {

@@ -9,7 +9,7 @@ import { DurableLog, type DurableLogFormat, type LogEntry } from '../durable-log
 import { isCode, isInfrastructureError, notFound, throwIfAborted, toConnectError, withPrefix } from '../errors.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
 import { CircuitBreaker, type BreakerTransition, type CircuitBreakerOptions } from './circuit-breaker.ts';
-import { rank, validateShards } from './rendezvous.ts';
+import { Placement, rank, validateShards } from './rendezvous.ts';
 
 export interface ShardOptions {
   /** Unique, stable name: it is the rendezvous hashing key, so renaming moves data. */
@@ -69,6 +69,19 @@ interface Shard {
   lastHealthCheckOk: boolean | null;
   lastHealthCheckError: string | null;
   checking: Promise<void> | null;
+  /** Calls that have not had their answer yet (see #call). */
+  readonly waiting: Set<WaitingCall>;
+}
+
+/** A shard call still waiting for its answer (a get's stream, a findMissing's list, a put's ack). */
+interface WaitingCall {
+  readonly ctl: AbortController;
+  /**
+   * Whether the call may still be cancelled and retried elsewhere when the
+   * shard's breaker opens: false once that could lose data (a put whose
+   * upload outgrew its replay buffer).
+   */
+  readonly retryable: () => boolean;
 }
 
 /** A pending handoff, keyed in the hint log by hintKey(digest, standIn). */
@@ -83,6 +96,8 @@ interface Hint {
 /** One digest's progress through findMissing. */
 interface MissingEntry {
   readonly digest: Digest;
+  /** Every shard, ranked for the digest (computed once per call). */
+  readonly ranked: Shard[];
   /** Shards to ask, in order (see readPlan). */
   readonly plan: Shard[];
   /** Index in plan of the next shard to ask. */
@@ -92,6 +107,9 @@ interface MissingEntry {
   answered: boolean;
   error: ConnectError | undefined;
 }
+
+// Marks the errors #abortWaiting cancels calls with.
+const OPENED = Symbol('opened while the call waited');
 
 // A digest no one stores: asking for it is a cheap real round trip.
 const PROBE_DIGEST = digestOf(new TextEncoder().encode('reapi-edge shard health probe'));
@@ -108,7 +126,11 @@ const PROBE_DIGEST = digestOf(new TextEncoder().encode('reapi-edge shard health 
  * enough successes, so a shard never takes client load before it is proven.
  * A request that fails with an infrastructure error on a closed shard is
  * retried once on the next-ranked available shard, so clients see no error
- * while the breaker is still learning.
+ * while the breaker is still learning. When a breaker opens (or the shard is
+ * drained), the calls still waiting on that shard for their answer are
+ * cancelled and go the same way at once, instead of waiting out the remote
+ * timeout on a shard that went silent (counted in `abortedOnOpen`); an upload
+ * that can no longer be replayed is left to finish or fail on its own.
  *
  * Writes: the upload is pulled through a replay buffer (`maxReplayBytes`); a
  * write that fails with an infrastructure error is retried once elsewhere if
@@ -140,6 +162,7 @@ const PROBE_DIGEST = digestOf(new TextEncoder().encode('reapi-edge shard health 
  */
 export class ShardingStore implements BlobStore {
   readonly #shards: Shard[];
+  readonly #placement: Placement;
   readonly #byName = new Map<string, Shard>();
   readonly #hints: DurableLog<Hint>;
   readonly #log: Logger | undefined;
@@ -165,6 +188,7 @@ export class ShardingStore implements BlobStore {
   #handoffLost = 0;
   #probeHits = 0;
   #retries = 0;
+  #abortedOnOpen = 0;
 
   private constructor(opts: ShardingStoreOptions, hints: DurableLog<Hint>) {
     this.#hints = hints;
@@ -191,11 +215,13 @@ export class ShardingStore implements BlobStore {
         lastHealthCheckOk: null,
         lastHealthCheckError: null,
         checking: null,
+        waiting: new Set(),
       };
       breaker.on('transition', (t) => this.#onTransition(shard, t));
       this.#byName.set(s.name, shard);
       return shard;
     });
+    this.#placement = new Placement(this.#shards);
 
     const interval = Math.max(1, opts.healthCheckIntervalMs ?? 1000);
     for (const shard of this.#shards) {
@@ -235,7 +261,9 @@ export class ShardingStore implements BlobStore {
     for (const d of digests) {
       const key = digestKey(d);
       if (entries.has(key)) continue;
-      entries.set(key, { digest: d, plan: this.#readPlan(d, avail, probing).plan, next: 0, found: false, answered: false, error: undefined });
+      const ranked = this.#ranked(d);
+      const { plan } = this.#readPlan(d, ranked, avail, probing);
+      entries.set(key, { digest: d, ranked, plan, next: 0, found: false, answered: false, error: undefined });
     }
 
     const ctl = new AbortController();
@@ -256,8 +284,8 @@ export class ShardingStore implements BlobStore {
         }
       } catch (err) {
         throwIfAborted(opts?.signal);
-        if (!isInfrastructureError(err)) throw withPrefix(`shard ${shard.name}`, err);
-        const prefixed = withPrefix(`shard ${shard.name}`, err);
+        if (!isInfrastructureError(err)) throw this.#blame(shard, err);
+        const prefixed = this.#blame(shard, err);
         for (const e of group) {
           e.error ??= prefixed;
           this.#addRetry(e, avail, shard);
@@ -284,7 +312,8 @@ export class ShardingStore implements BlobStore {
     const signal = opts?.signal;
     throwIfAborted(signal);
     const avail = this.#available();
-    const { plan, unreachable } = this.#readPlan(digest, avail, this.#probing());
+    const ranked = this.#ranked(digest);
+    const { plan, unreachable } = this.#readPlan(digest, ranked, avail, this.#probing());
     let infraError: ConnectError | undefined;
     let notFoundError: ConnectError | undefined;
     for (let i = 0; i < plan.length; i++) {
@@ -298,12 +327,12 @@ export class ShardingStore implements BlobStore {
       } catch (err) {
         throwIfAborted(signal);
         if (isCode(err, Code.NotFound)) {
-          notFoundError ??= withPrefix(`shard ${shard.name}`, err);
+          notFoundError ??= this.#blame(shard, err);
         } else if (isInfrastructureError(err)) {
-          infraError ??= withPrefix(`shard ${shard.name}`, err);
-          if (i === 0) this.#addRetry({ digest, plan, next: 1 }, avail, shard);
+          infraError ??= this.#blame(shard, err);
+          if (i === 0) this.#addRetry({ ranked, plan, next: 1 }, avail, shard);
         } else {
-          throw withPrefix(`shard ${shard.name}`, err);
+          throw this.#blame(shard, err);
         }
       }
     }
@@ -338,8 +367,16 @@ export class ShardingStore implements BlobStore {
             Code.Unavailable,
           );
         }
+        // Cancelled if the shard's breaker opens meanwhile, as long as the
+        // write could still be retried (the same rule as below).
+        const retryable = () => attempt === 0 && source.replayable && candidates[attempt + 1] !== undefined;
         try {
-          await this.#call(target, signal, (s) => target.store.put(digest, this.#writeStream(target, source.stream()), { signal: s }));
+          await this.#call(
+            target,
+            signal,
+            (s) => target.store.put(digest, this.#writeStream(target, source.stream()), { signal: s }),
+            retryable,
+          );
         } catch (err) {
           if (needsHint) this.#hintsReserved--;
           throwIfAborted(signal);
@@ -351,7 +388,7 @@ export class ShardingStore implements BlobStore {
             continue;
           }
           // A failure of the client's own stream is not the shard's to explain.
-          throw this.#isForeign(err) ? toConnectError(err) : withPrefix(`shard ${target.name}`, err);
+          throw this.#isForeign(err) ? toConnectError(err) : this.#blame(target, err);
         }
         if (needsHint) {
           this.#hintsReserved--;
@@ -424,6 +461,7 @@ export class ShardingStore implements BlobStore {
       probing: this.#probing(),
       probeHits: this.#probeHits,
       retries: this.#retries,
+      abortedOnOpen: this.#abortedOnOpen,
       children: this.#shards.map((s) => ({ ...s.store.describe(), name: s.name })),
     };
   }
@@ -462,7 +500,7 @@ export class ShardingStore implements BlobStore {
   }
 
   #ranked(digest: Digest): Shard[] {
-    return rank(digest.hash, this.#shards).map((name) => this.#byName.get(name)!);
+    return this.#placement.order(digest.hash).map((i) => this.#shards[i]!);
   }
 
   // The shards that take client traffic (closed breakers); rejects with
@@ -486,9 +524,9 @@ export class ShardingStore implements BlobStore {
    * The shards a read of `digest` asks, in order: the owner, the stand-ins
    * pending hints name, then (while probing) the next `probeDepth` available
    * shards by rank. `unreachable` lists hinted stand-ins not taking traffic.
+   * `all` is #ranked(digest).
    */
-  #readPlan(digest: Digest, avail: Set<Shard>, probing: boolean): { plan: Shard[]; unreachable: string[] } {
-    const all = this.#ranked(digest);
+  #readPlan(digest: Digest, all: Shard[], avail: Set<Shard>, probing: boolean): { plan: Shard[]; unreachable: string[] } {
     const ranked = all.filter((s) => avail.has(s));
     const plan = [ranked[0]!];
     const unreachable: string[] = [];
@@ -509,21 +547,41 @@ export class ShardingStore implements BlobStore {
 
   // The owner failed with an infrastructure error: make sure its runner-up
   // among available shards is asked next (the retry-once).
-  #addRetry(e: { digest: Digest; plan: Shard[]; next: number }, avail: Set<Shard>, failed: Shard): void {
+  #addRetry(e: { ranked: Shard[]; plan: Shard[]; next: number }, avail: Set<Shard>, failed: Shard): void {
     if (e.plan[0] !== failed) return;
-    const next = this.#ranked(e.digest).find((s) => s !== failed && avail.has(s));
+    const next = e.ranked.find((s) => s !== failed && avail.has(s));
     if (next !== undefined && !e.plan.includes(next)) e.plan.splice(e.next, 0, next);
   }
 
-  /** Runs one shard call, feeding its breaker and in-flight count. */
-  async #call<T>(shard: Shard, signal: AbortSignal | undefined, fn: (signal: AbortSignal | undefined) => Promise<T>): Promise<T> {
+  /**
+   * Runs one shard call, feeding its breaker and in-flight count. Until it
+   * settles the call is in `shard.waiting`: if the breaker opens meanwhile
+   * (say health checks found the shard blackholed), the call is cancelled at
+   * once and rejects with UNAVAILABLE, which the callers' retry-once sends
+   * to the next shard, instead of waiting out the remote timeout. `retryable`
+   * says whether cancelling is still safe (see WaitingCall).
+   */
+  async #call<T>(
+    shard: Shard,
+    signal: AbortSignal | undefined,
+    fn: (signal: AbortSignal) => Promise<T>,
+    retryable: () => boolean = () => true,
+  ): Promise<T> {
     noteShard(shard.name);
     shard.inFlight++;
+    const waiting: WaitingCall = { ctl: new AbortController(), retryable };
+    const opened = waiting.ctl.signal;
+    shard.waiting.add(waiting);
     try {
-      const result = await fn(signal);
+      // Raced as well, for a store that does not honour its signal.
+      const result = await abortable(fn(signal === undefined ? opened : AbortSignal.any([signal, opened])), opened);
+      shard.waiting.delete(waiting);
       shard.breaker.recordSuccess();
       return result;
     } catch (err) {
+      shard.waiting.delete(waiting);
+      // Cancelled because the breaker opened: that open already counted.
+      if (opened.aborted && !signal?.aborted) throw opened.reason;
       // A call we cancelled, or an error from a stream we fed it, says
       // nothing about the shard's health.
       if (!signal?.aborted && !this.#isForeign(err)) shard.breaker.recordFailure(err);
@@ -531,6 +589,31 @@ export class ShardingStore implements BlobStore {
     } finally {
       shard.inFlight--;
     }
+  }
+
+  /** Cancels the calls waiting on a shard whose breaker just opened (see #call). */
+  #abortWaiting(shard: Shard, t: BreakerTransition): void {
+    let aborted = 0;
+    for (const w of shard.waiting) {
+      if (!w.retryable()) continue;
+      shard.waiting.delete(w);
+      aborted++;
+      w.ctl.abort(
+        Object.assign(
+          new ConnectError(`shard ${shard.name} was ${t.to === 'drained' ? 'drained' : 'opened'} while the call waited: ${t.reason}`, Code.Unavailable),
+          { [OPENED]: true },
+        ),
+      );
+    }
+    if (aborted === 0) return;
+    this.#abortedOnOpen += aborted;
+    this.#log?.info({ shard: shard.name, aborted }, `shard ${shard.name}: cancelled ${aborted} waiting calls, to be retried elsewhere`);
+  }
+
+  /** Prefixes a shard's error with its name (errors from #abortWaiting name it already). */
+  #blame(shard: Shard, err: unknown): ConnectError {
+    if (err instanceof ConnectError && OPENED in err) return err;
+    return withPrefix(`shard ${shard.name}`, err);
   }
 
   #isForeign(err: unknown): boolean {
@@ -573,6 +656,7 @@ export class ShardingStore implements BlobStore {
     if (t.to === 'closed') this.#log?.info(fields, `shard ${shard.name} is back`);
     else this.#log?.warn(fields, `shard ${shard.name} is ${t.to}`);
     if (t.to === 'closed') queueMicrotask(() => this.#kickHandoff());
+    if (t.to === 'open' || t.to === 'drained') this.#abortWaiting(shard, t);
   }
 
   #runCheck(shard: Shard): void {
@@ -678,15 +762,27 @@ function groupByNext(entries: Iterable<MissingEntry>): Map<Shard, MissingEntry[]
  * kept (up to `limit` bytes) and replayed to the next consumer, which then
  * continues pulling from the source. Once more than `limit` bytes were
  * pulled, the upload can no longer be replayed.
+ *
+ * A consumer that was given up on (its shard call cancelled) may still be
+ * waiting on the source when the next one starts; pulls are therefore shared:
+ * at most one is in flight, each pulled chunk is recorded before any consumer
+ * sees it, and every consumer reads the chunks by position, so none is
+ * skipped or sent twice.
  */
 class ReplayableChunks {
   readonly #it: AsyncIterator<Uint8Array>;
   readonly #limit: number;
   readonly #errors: WeakSet<object>;
+  // Chunks 0..#pulled-1 while not overflowed.
   readonly #kept: Uint8Array[] = [];
   #keptBytes = 0;
+  #pulled = 0;
+  // Chunk #pulled-1, kept even after an overflow for the consumer waiting on it.
+  #last: Uint8Array | undefined;
   #overflowed = false;
   #done = false;
+  #error: { readonly err: unknown } | undefined;
+  #pull: Promise<void> | null = null;
   #epoch = 0;
 
   constructor(source: AsyncIterable<Uint8Array>, limit: number, errors: WeakSet<object>) {
@@ -701,33 +797,19 @@ class ReplayableChunks {
 
   stream(): AsyncIterable<Uint8Array> {
     const epoch = ++this.#epoch;
-    const replay = this.#kept.slice();
     return (async function* (self: ReplayableChunks) {
-      yield* replay;
-      for (;;) {
+      for (let pos = 0; ; ) {
         if (epoch !== self.#epoch) throw new ConnectError('upload was handed to another shard', Code.Aborted);
+        if (pos < self.#pulled) {
+          const chunk = !self.#overflowed ? self.#kept[pos] : pos === self.#pulled - 1 ? self.#last : undefined;
+          if (chunk === undefined) throw new ConnectError('upload can no longer be replayed', Code.Aborted);
+          pos++;
+          yield chunk;
+          continue;
+        }
+        if (self.#error !== undefined) throw self.#error.err;
         if (self.#done) return;
-        let r: IteratorResult<Uint8Array>;
-        try {
-          r = await self.#it.next();
-        } catch (err) {
-          if (typeof err === 'object' && err !== null) self.#errors.add(err);
-          throw err;
-        }
-        if (r.done === true) {
-          self.#done = true;
-          return;
-        }
-        if (!self.#overflowed) {
-          self.#keptBytes += r.value.byteLength;
-          if (self.#keptBytes > self.#limit) {
-            self.#overflowed = true;
-            self.#kept.length = 0;
-          } else {
-            self.#kept.push(r.value);
-          }
-        }
-        yield r.value;
+        await (self.#pull ??= self.#next());
       }
     })(this);
   }
@@ -735,9 +817,38 @@ class ReplayableChunks {
   /** Releases the source if a shard stopped reading before its end. */
   dispose(): void {
     this.#kept.length = 0;
+    this.#last = undefined;
     if (!this.#done) {
       this.#done = true;
       this.#it.return?.()?.catch(() => {});
+    }
+  }
+
+  async #next(): Promise<void> {
+    try {
+      const r = await this.#it.next();
+      if (r.done === true) {
+        this.#done = true;
+        return;
+      }
+      this.#pulled++;
+      this.#last = r.value;
+      if (!this.#overflowed) {
+        this.#keptBytes += r.value.byteLength;
+        if (this.#keptBytes > this.#limit) {
+          this.#overflowed = true;
+          this.#kept.length = 0;
+        } else {
+          this.#kept.push(r.value);
+        }
+      }
+    } catch (err) {
+      // The client's own upload failed: no shard is to blame.
+      if (typeof err === 'object' && err !== null) this.#errors.add(err);
+      this.#error = { err };
+      throw err;
+    } finally {
+      this.#pull = null;
     }
   }
 }

@@ -21,6 +21,8 @@ export class FaultyStore implements BlobStore {
   delayMs = 50;
   /** When set, put() pulls one chunk and then fails with UNAVAILABLE. */
   failPutMidStream = false;
+  /** When set, put() pulls one chunk and then hangs until its signal aborts (a shard that went silent mid-upload). */
+  hangPutMidStream = false;
   /** False: close() leaves the inner store open (to "restart" an edge over the same shards). */
   closeInner = true;
   readonly calls = { findMissing: 0, get: 0, put: 0, check: 0 };
@@ -57,6 +59,10 @@ export class FaultyStore implements BlobStore {
       await it.next();
       throw new ConnectError('injected fault: connection reset mid-upload', Code.Unavailable);
     }
+    if (this.hangPutMidStream) {
+      await chunks[Symbol.asyncIterator]().next();
+      await this.#fault(opts?.signal, 'blackhole');
+    }
     return this.inner.put(digest, chunks, opts);
   }
 
@@ -69,8 +75,8 @@ export class FaultyStore implements BlobStore {
     if (this.closeInner) await this.inner.close();
   }
 
-  async #fault(signal: AbortSignal | undefined): Promise<void> {
-    switch (this.mode) {
+  async #fault(signal: AbortSignal | undefined, mode: FaultMode = this.mode): Promise<void> {
+    switch (mode) {
       case 'ok':
         return;
       case 'unavailable':

@@ -19,7 +19,7 @@ interface Cluster {
   store: ShardingStore;
   shards: Map<string, FaultyStore>;
   dir: string;
-  logs: { msg: string; shard?: string; from?: string; to?: string; reason?: string }[];
+  logs: { msg: string; shard?: string; from?: string; to?: string; reason?: string; backoffMs?: number; aborted?: number }[];
 }
 
 /**
@@ -140,6 +140,22 @@ async function rejection(p: Promise<unknown>): Promise<ConnectError> {
   throw new Error('expected a rejection');
 }
 
+/**
+ * `p`, or a rejection after `ms`. Its timer also keeps the process alive
+ * while `p` waits on nothing but the store's (unref'd) health checks.
+ */
+async function within<T>(ms: number, what: string, p: Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: still waiting after ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([p, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 // Health checks every 20 ms would open breakers in tests that want to watch
 // passive detection only; this turns them off.
 const noHealthChecks = { healthCheckIntervalMs: 3_600_000 };
@@ -220,7 +236,7 @@ t.test('a blackholed shard is caught by the health-check timeout', async (t) => 
   t.equal(b.calls.put + b.calls.get, 0);
 });
 
-t.test('half-open: health checks probe it, no client traffic, M successes close it; flapping grows the backoff', async (t) => {
+t.test('half-open: health checks probe it, no client traffic, M successes close it; only flapping grows the backoff', async (t) => {
   const c = await cluster(t);
   const a = c.shards.get('a')!;
   const x = blobRanked(['a']);
@@ -228,10 +244,13 @@ t.test('half-open: health checks probe it, no client traffic, M successes close 
   await waitFor('a open', () => shardState(c, 'a').state === 'open');
   const firstBackoff = shardState(c, 'a').backoffMs as number;
   t.equal(firstBackoff, 40);
-  // Still down when half-open: the probe fails and the backoff grows.
-  await waitFor('a reopened', () => c.logs.filter((l) => l.shard === 'a' && l.to === 'open').length >= 2);
-  t.ok(c.logs.some((l) => l.shard === 'a' && l.from === 'half-open' && l.to === 'open' && /^probe failed in half-open/.test(l.reason!)));
-  t.ok((shardState(c, 'a').backoffMs as number) >= 80);
+  // Still down when half-open: the probe fails and reopens it, for the
+  // initial backoff again (probing a dead shard is cheap; a long wait here
+  // would only delay its return).
+  await waitFor('a reopened', () => c.logs.filter((l) => l.shard === 'a' && l.to === 'open').length >= 3);
+  const reopens = c.logs.filter((l) => l.shard === 'a' && l.from === 'half-open' && l.to === 'open');
+  t.ok(reopens.length >= 2 && reopens.every((l) => /^probe failed in half-open/.test(l.reason!)));
+  t.same(reopens.map((l) => l.backoffMs), reopens.map(() => 40), 'each reopen waits the initial backoff');
 
   a.mode = 'ok';
   // While half-open, client reads of a's blobs go elsewhere.
@@ -250,10 +269,12 @@ t.test('half-open: health checks probe it, no client traffic, M successes close 
   t.same(transitions.slice(-2), ['open->half-open', 'half-open->closed']);
   t.equal(shardState(c, 'a').reason, '2 successful probes');
 
-  // Falls over again right away: readmitted more slowly than the first time.
+  // Falls over again right away (flapping): held out twice as long as the first time.
+  const closedAt = c.logs.length;
   a.mode = 'unavailable';
-  await waitFor('a open again', () => shardState(c, 'a').state === 'open');
-  t.ok((shardState(c, 'a').backoffMs as number) > firstBackoff * 2, `backoff ${shardState(c, 'a').backoffMs} ms stayed grown`);
+  await waitFor('a open again', () => c.logs.slice(closedAt).some((l) => l.shard === 'a' && l.to === 'open'));
+  const flap = c.logs.slice(closedAt).find((l) => l.shard === 'a' && l.to === 'open');
+  t.match(flap, { from: 'closed', backoffMs: firstBackoff * 2 }, 'the open soon after closing holds longer');
 });
 
 t.test('manual drain: writes go to the stand-in with a durable hint; undrain hands them back', async (t) => {
@@ -561,6 +582,93 @@ t.test('the AC tree routes the same way (key: the action digest hash)', async (t
   await c.store.put(action, once(result));
   t.ok(await has(innerOf(c, 'a'), action));
   t.equal(await read(c.store, action), 'an ActionResult');
+});
+
+t.test('calls waiting on a shard that went silent are cancelled when its breaker opens, and served by the next shard', async (t) => {
+  // No probing: only the retry-once can reach b. A blackholed call here never
+  // ends by itself (there is no call timeout), so only the cancel can end it.
+  const c = await cluster(t, { probeWindowMs: 0 });
+  const a = c.shards.get('a')!;
+  const x = blobRanked(['a', 'b']);
+  const y = blobRanked(['a', 'b'], x.label + 1);
+  await innerOf(c, 'b').put(x.digest, once(x.data));
+  a.mode = 'blackhole';
+  const started = Date.now();
+  const [got, missing] = await within(
+    5000,
+    'calls on the silent shard',
+    Promise.all([read(c.store, x.digest), c.store.findMissing([x.digest]), c.store.put(y.digest, once(y.data))]),
+  );
+  const tookMs = Date.now() - started;
+  t.equal(got, `blob ${x.label}`, 'the read was served by b');
+  t.same(missing, [], 'findMissing was answered by b');
+  t.ok(await has(innerOf(c, 'b'), y.digest), 'the write landed on b');
+  t.equal(shardState(c, 'a').hintsPending, 1, 'with a hint for its owner');
+  t.same([a.calls.get, a.calls.findMissing, a.calls.put], [1, 1, 1], 'each call went to a first');
+  t.equal(shardState(c, 'a').state, 'open');
+  t.match(shardState(c, 'a').reason, /^2 failed health checks, last: health check timed out after 30 ms$/);
+  t.ok(tookMs < 1000, `done ${tookMs} ms after the shard went silent`);
+  t.equal(c.store.describe().abortedOnOpen, 3);
+  t.match(shardState(c, 'a'), { consecutiveFailures: 0, recentFailures: 0, inFlight: 0 }, 'the cancelled calls are not counted against a');
+  t.ok(c.logs.some((l) => l.shard === 'a' && l.aborted === 3 && l.msg === 'shard a: cancelled 3 waiting calls, to be retried elsewhere'));
+});
+
+t.test('a cancelled call that cannot go elsewhere fails with UNAVAILABLE naming the open', async (t) => {
+  const c = await cluster(t, { ...noHealthChecks, probeWindowMs: 0 });
+  const x = blobRanked(['a', 'b']);
+  c.shards.get('a')!.mode = 'blackhole';
+  c.shards.get('b')!.mode = 'unavailable';
+  const pending = rejection(c.store.get(x.digest));
+  await waitFor('the call to reach a', () => shardState(c, 'a').inFlight === 1);
+  c.store.drain('a');
+  const err = await within(5000, 'the cancelled read', pending);
+  t.equal(err.code, Code.Unavailable);
+  t.equal(err.rawMessage, 'shard a was drained while the call waited: drained by operator');
+  t.equal(c.shards.get('b')!.calls.get, 1, 'retried once on b, which failed too');
+});
+
+t.test('a write the shard already pulled past the replay buffer is not cancelled when the breaker opens', async (t) => {
+  const c = await cluster(t, { ...noHealthChecks, maxReplayBytes: 16 });
+  const data = new Uint8Array(64).fill(9);
+  const d = digestOf(data);
+  async function* chunks() {
+    for (let i = 0; i < 64; i += 32) yield data.subarray(i, i + 32);
+  }
+  const owner = rank(d.hash, weighted)[0]!;
+  const s = c.shards.get(owner)!;
+  s.hangPutMidStream = true; // pulls 32 bytes, more than the buffer, then goes silent
+  const ctl = new AbortController();
+  const pending = rejection(c.store.put(d, chunks(), { signal: ctl.signal }));
+  await waitFor('the upload to reach the shard', () => s.calls.put === 1);
+  await new Promise((r) => setTimeout(r, 10));
+  c.store.drain(owner);
+  await new Promise((r) => setTimeout(r, 50));
+  t.equal(s.aborted, 0, 'still waiting: retrying it elsewhere could not send the bytes already pulled');
+  t.equal(c.store.describe().abortedOnOpen, 0);
+  ctl.abort();
+  t.equal((await pending).code, Code.Canceled);
+  t.equal(s.aborted, 1);
+});
+
+t.test('a write cancelled while its shard waits on the client\'s upload is replayed whole to the next shard', async (t) => {
+  const c = await cluster(t, { ...noHealthChecks, maxReplayBytes: 1024 });
+  const x = blobRanked(['a', 'b']);
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  async function* slowClient() {
+    yield x.data.subarray(0, 3);
+    await gate; // a is now waiting for the next chunk of the upload
+    yield x.data.subarray(3);
+  }
+  const pending = c.store.put(x.digest, slowClient());
+  await waitFor('a to wait on the upload', () => shardState(c, 'a').bytesIn === 3);
+  c.store.drain('a');
+  await waitFor('the retry on b', () => c.shards.get('b')!.calls.put === 1);
+  release();
+  await within(5000, 'the retried write', pending);
+  t.equal(await read(innerOf(c, 'b'), x.digest), `blob ${x.label}`, 'every byte once, in order');
+  t.equal(c.store.describe().abortedOnOpen, 1);
+  t.equal(shardState(c, 'a').hintsPending, 1);
 });
 
 t.test('cancelling a call aborts the shard call and does not count against the shard', async (t) => {

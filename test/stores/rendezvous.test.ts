@@ -1,7 +1,7 @@
 import t from 'tap';
 import { createHash } from 'node:crypto';
 import { Code, ConnectError } from '@connectrpc/connect';
-import { log2Fraction, MAX_WEIGHT, rank, score, validateShards } from '../../src/stores/rendezvous.ts';
+import { log2Fraction, MAX_WEIGHT, Placement, rank, score, validateShards } from '../../src/stores/rendezvous.ts';
 
 const shards = [
   { name: 'a', weight: 1 },
@@ -16,12 +16,47 @@ function keys(n: number): string[] {
 
 t.test('rankings are golden: the same on every machine and every release', async (t) => {
   // If these change, every edge in a mixed-version fleet disagrees on placement.
-  t.same(rank('e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855', shards), ['d', 'b', 'a', 'c']);
-  t.same(rank('key-1', shards), ['a', 'd', 'b', 'c']);
-  t.same(rank('key-2', shards), ['d', 'b', 'c', 'a']);
-  t.same(rank('key-3', shards), ['a', 'b', 'd', 'c']);
-  t.equal(score('key-1', 'a'), 2170721);
-  t.equal(score('key-2', 'b'), 6294852);
+  t.same(rank('e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855', shards), ['b', 'd', 'c', 'a']);
+  t.same(rank('key-1', shards), ['c', 'b', 'd', 'a']);
+  t.same(rank('key-2', shards), ['d', 'c', 'b', 'a']);
+  t.same(rank('key-3', shards), ['c', 'd', 'b', 'a']);
+  t.equal(score('key-1', 'a'), 33670076);
+  t.equal(score('key-2', 'b'), 31174621);
+  t.equal(score('e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855', 'a'), 52268161);
+  t.same(new Placement(shards).order('key-1'), [2, 1, 3, 0], 'indices into the shard list');
+});
+
+t.test('the code is the documented algorithm: matches a BigInt rendering of it', async (t) => {
+  const mask = (1n << 64n) - 1n;
+  const first8 = (s: string) => createHash('sha256').update(s, 'utf8').digest().readBigUInt64BE(0);
+  const keyValue = (k: string) => (/^[0-9a-f]{16}/.test(k) ? BigInt(`0x${k.slice(0, 16)}`) : first8(k));
+  const mix = (z: bigint) => {
+    z ^= z >> 30n;
+    z = (z * 0xbf58476d1ce4e5b9n) & mask;
+    z ^= z >> 27n;
+    z = (z * 0x94d049bb133111ebn) & mask;
+    return z ^ (z >> 31n);
+  };
+  const table = Array.from({ length: 1024 }, (_, j) => log2Fraction(2 ** 24 + j * 2 ** 14));
+  table.push(2 ** 24);
+  const reference = (key: string, name: string): number => {
+    const x = mix(keyValue(key) ^ first8(name));
+    if (x === 0n) return 65 * 2 ** 24;
+    const p = x.toString(2).length - 1;
+    const f = Number((p >= 26 ? x >> BigInt(p - 26) : x << BigInt(26 - p)) & ((1n << 26n) - 1n));
+    const i = f >> 16;
+    const r = f & 0xffff;
+    return 64 * 2 ** 24 - (p * 2 ** 24 + table[i]! + Math.floor(((table[i + 1]! - table[i]!) * r) / 2 ** 16));
+  };
+  const mismatches: string[] = [];
+  const samples = [...keys(2000), 'key-1', '', 'short', '0123456789abcdef', '0123456789ABCDEF0', '0123456789abcdefXYZ', 'ü-ключ'];
+  for (const [i, k] of samples.entries()) {
+    const name = ['a', 'shard-b', 'ñame', ''][i % 4]!;
+    if (score(k, name) !== reference(k, name)) mismatches.push(`${k} @ ${name}: ${score(k, name)} != ${reference(k, name)}`);
+  }
+  t.same(mismatches, []);
+  t.equal(score('0123456789abcdefXYZ', 'a'), score('0123456789abcdef', 'a'), 'only the first 16 hex digits of a hex key count');
+  t.not(score('0123456789ABCDEF0', 'a'), score('0123456789abcdef0', 'a'), 'upper case is not hex here: hashed instead');
 });
 
 t.test('ranking does not depend on the order shards are listed in', async (t) => {
@@ -39,6 +74,21 @@ t.test('fixed-point log2 tracks the real one to a few units in the last place', 
     t.ok(Math.abs(log2Fraction(mi) - exact) <= 4, `log2Fraction(${mi}) = ${log2Fraction(mi)}, exact ${exact}`);
   }
   t.ok(Number.isInteger(score('anything', 'a')));
+});
+
+t.test('scores behave like -log2 of a uniform value: integers in (0, 65 * 2^24], mean 1/ln 2', async (t) => {
+  let sum = 0;
+  const bad: number[] = [];
+  const all = keys(20_000);
+  for (const k of all) {
+    const s = score(k, 'a');
+    if (!Number.isInteger(s) || s <= 0 || s > 65 * 2 ** 24) bad.push(s);
+    sum += s;
+  }
+  t.same(bad, []);
+  const mean = sum / all.length / 2 ** 24;
+  // The sd of -log2(u) is 1/ln 2 too, so the mean of 20k is within 0.03 at 3 sd.
+  t.ok(Math.abs(mean - 1 / Math.LN2) < 0.03, `mean score ${mean}, expected about ${1 / Math.LN2}`);
 });
 
 t.test('keys spread in proportion to weight over 100k keys', async (t) => {

@@ -241,7 +241,44 @@ function parseNode(raw: unknown, path: string, opts: ParseOptions, top: boolean)
       children.push({ name, restart: restartValue !== false, config: child });
     }
   }
-  return { logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, children };
+  const config = { logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, children };
+  if (top) checkDistinctAddresses(config, path);
+  return config;
+}
+
+/**
+ * Two listeners of this process and its children on one host:port would
+ * fail at startup with EADDRINUSE (or, worse, one child would take another's
+ * traffic), so it is a config error naming both fields. Port 0 (any free
+ * port) never clashes; a wildcard host (0.0.0.0, ::) clashes with every
+ * host on the same port, as it does for the kernel. Host names are compared
+ * as written ("localhost" is not resolved).
+ */
+function checkDistinctAddresses(config: NodeConfig, path: string): void {
+  const seen: { field: string; address: ListenAddress }[] = [];
+  const add = (field: string, address: ListenAddress) => {
+    if (address.port !== 0) {
+      const clash = seen.find((s) => s.address.port === address.port && sameHost(s.address.host, address.host));
+      if (clash !== undefined) {
+        throw new ConfigError(
+          `${field}: ${formatAddress(address)} is already used by ${clash.field} (${formatAddress(clash.address)})`,
+        );
+      }
+    }
+    seen.push({ field, address });
+  };
+  const node = (n: NodeConfig, p: string) => {
+    add(`${p}.listen`, n.listen);
+    if (n.admin !== undefined) add(`${p}.admin.listen`, n.admin.listen);
+  };
+  node(config, path);
+  for (const child of config.children) node(child.config, `${path}.children.${child.name}`);
+}
+
+const WILDCARD_HOSTS = new Set(['0.0.0.0', '::']);
+
+function sameHost(a: string, b: string): boolean {
+  return a === b || WILDCARD_HOSTS.has(a) || WILDCARD_HOSTS.has(b);
 }
 
 export interface StoreParseContext {
@@ -334,7 +371,8 @@ const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
       healthCheckIntervalMs: optionalPositiveInteger(o, 'healthCheckIntervalMs', path),
       healthCheckTimeoutMs: optionalPositiveInteger(o, 'healthCheckTimeoutMs', path),
       probeDepth,
-      probeWindowMs: optionalPositiveInteger(o, 'probeWindowMs', path),
+      // 0: no probing by rank at all (pending hints are still followed).
+      probeWindowMs: o.probeWindowMs === undefined ? undefined : nonNegativeInteger(o.probeWindowMs, `${path}.probeWindowMs`),
     };
   },
 

@@ -99,8 +99,16 @@ t.test('the shipped config.json is the local cluster: an edge over shard-a/b/c w
   t.same(child.children, [], 'children have no children');
 });
 
+/** valid() listening on `listen` (children need addresses of their own). */
+function node(listen: string, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return { ...valid(), listen, ...extra };
+}
+
 t.test('children: restart defaults to true and can be turned off', async (t) => {
-  const c = parseConfig({ ...valid(), children: { 'n-1.x_y': { ...valid(), restart: false }, n2: valid() } }, { baseDir: base });
+  const c = parseConfig(
+    { ...valid(), children: { 'n-1.x_y': node('127.0.0.1:8981', { restart: false }), n2: node('127.0.0.1:8982') } },
+    { baseDir: base },
+  );
   t.same(c.children.map((ch) => [ch.name, ch.restart]), [['n-1.x_y', false], ['n2', true]]);
 });
 
@@ -137,7 +145,8 @@ t.test('errors in remote, sharding, fallback and children name the offending fie
     ['health interval zero', { ...valid(), cas: sharding({ healthCheckIntervalMs: 0 }) }, 'config.cas.sharding.healthCheckIntervalMs: expected a positive integer, got 0'],
     ['health timeout string', { ...valid(), cas: sharding({ healthCheckTimeoutMs: '500ms' }) }, 'config.cas.sharding.healthCheckTimeoutMs: expected a positive integer, got "500ms"'],
     ['maxHints zero', { ...valid(), cas: sharding({ maxHints: 0 }) }, 'config.cas.sharding.maxHints: expected a positive integer, got 0'],
-    ['probeWindowMs negative', { ...valid(), cas: sharding({ probeWindowMs: -5 }) }, 'config.cas.sharding.probeWindowMs: expected a positive integer, got -5'],
+    ['probeWindowMs negative', { ...valid(), cas: sharding({ probeWindowMs: -5 }) }, 'config.cas.sharding.probeWindowMs: expected a non-negative integer, got -5'],
+    ['probeWindowMs fractional', { ...valid(), cas: sharding({ probeWindowMs: 1.5 }) }, 'config.cas.sharding.probeWindowMs: expected a non-negative integer, got 1.5'],
     [
       'sharding unknown field',
       { ...valid(), cas: sharding({ replicas: 2 }) },
@@ -207,4 +216,51 @@ t.test('errors in remote, sharding, fallback and children name the offending fie
     ],
   ];
   for (const [name, raw, message] of cases) t.equal(errorOf(raw), message, name);
+});
+
+t.test('probeWindowMs 0 is accepted: no probing by rank, as the store takes it', async (t) => {
+  const c = parseConfig({ ...valid(), cas: sharding({ probeWindowMs: 0 }) }, { baseDir: base });
+  t.equal(c.cas.kind === 'sharding' ? c.cas.probeWindowMs : undefined, 0);
+});
+
+t.test('listen addresses of the process and its children must differ; the error names both fields', async (t) => {
+  const cases: Array<[string, Record<string, unknown>, string]> = [
+    [
+      'two children on one port',
+      { ...valid(), children: { a: node('127.0.0.1:8981'), b: node('127.0.0.1:8981') } },
+      'config.children.b.listen: 127.0.0.1:8981 is already used by config.children.a.listen (127.0.0.1:8981)',
+    ],
+    [
+      'a child on the top-level listen address',
+      { ...valid(), children: { a: node('127.0.0.1:8980') } },
+      'config.children.a.listen: 127.0.0.1:8980 is already used by config.listen (127.0.0.1:8980)',
+    ],
+    [
+      'a child on the top-level admin address',
+      { ...valid(), admin: { listen: '127.0.0.1:8990' }, children: { a: node('127.0.0.1:8990') } },
+      'config.children.a.listen: 127.0.0.1:8990 is already used by config.admin.listen (127.0.0.1:8990)',
+    ],
+    [
+      "a child's admin on another child's port",
+      { ...valid(), children: { a: node('127.0.0.1:8981'), b: node('127.0.0.1:8982', { admin: { listen: '127.0.0.1:8981' } }) } },
+      'config.children.b.admin.listen: 127.0.0.1:8981 is already used by config.children.a.listen (127.0.0.1:8981)',
+    ],
+    [
+      'admin on the same address as listen',
+      { ...valid(), admin: { listen: '127.0.0.1:8980' } },
+      'config.admin.listen: 127.0.0.1:8980 is already used by config.listen (127.0.0.1:8980)',
+    ],
+    [
+      'a wildcard host clashes with any host on its port',
+      { ...valid(), children: { a: node('0.0.0.0:8981'), b: node('[::1]:8981') } },
+      'config.children.b.listen: [::1]:8981 is already used by config.children.a.listen (0.0.0.0:8981)',
+    ],
+  ];
+  for (const [name, raw, message] of cases) t.equal(errorOf(raw), message, name);
+
+  const fine: Array<[string, Record<string, unknown>]> = [
+    ['port 0 picks a free port each time', { ...node('127.0.0.1:0'), children: { a: node('127.0.0.1:0'), b: node('127.0.0.1:0', { admin: { listen: '127.0.0.1:0' } }) } }],
+    ['same port on different hosts', { ...valid(), children: { a: node('127.0.0.2:8980'), b: node('[::1]:8980') } }],
+  ];
+  for (const [name, raw] of fine) t.equal(errorOf(raw), '(no error)', name);
 });

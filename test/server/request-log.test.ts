@@ -44,6 +44,7 @@ t.test('RPC log lines carry the request id and the shards chosen', async (t) => 
       isReady: () => true,
     },
     logger,
+    shutdownTimeoutMs: 1000,
   });
   await app.listen({ host: '127.0.0.1', port: 0 });
   t.teardown(async () => {

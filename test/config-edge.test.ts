@@ -1,12 +1,9 @@
 // Config validation for the edge's store kinds (remote, sharding, fallback)
 // and the supervised children: what a valid edge config becomes, and the
 // exact field-path message for each mistake (style of test/config.test.ts).
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import t from 'tap';
-import { ConfigError, loadConfig, parseConfig } from '../src/config.ts';
+import { ConfigError, parseConfig } from '../src/config.ts';
 
-const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const base = '/etc/reapi';
 
 const remote = (url = 'http://127.0.0.1:8981') => ({ remote: { url } });
@@ -70,33 +67,6 @@ t.test('an edge tree: defaults filled in, relative dirs resolved against the con
     replication: { maxQueue: undefined, concurrency: undefined, overflow: 'reject-new' },
     healthCheckIntervalMs: undefined,
   });
-});
-
-t.test('the shipped config.json is the local cluster: an edge over shard-a/b/c with a fallback, and 4 children', async (t) => {
-  const c = await loadConfig(join(repoRoot, 'config.json'));
-  t.equal(c.cas.kind, 'fallback');
-  t.equal(c.ac.kind, 'completenessChecking');
-  const primary = c.cas.kind === 'fallback' ? c.cas.primary : undefined;
-  t.same(
-    primary?.kind === 'sharding' ? primary.shards.map((s) => [s.name, s.weight, s.backend.kind === 'remote' ? s.backend.url : '']) : [],
-    [
-      ['shard-a', 1, 'http://127.0.0.1:8981'],
-      ['shard-b', 1, 'http://127.0.0.1:8982'],
-      ['shard-c', 1, 'http://127.0.0.1:8983'],
-    ],
-  );
-  t.same(
-    c.children.map((ch) => [ch.name, ch.restart, `${ch.config.listen.host}:${ch.config.listen.port}`]),
-    [
-      ['shard-a', true, '127.0.0.1:8981'],
-      ['shard-b', true, '127.0.0.1:8982'],
-      ['shard-c', true, '127.0.0.1:8983'],
-      ['secondary', true, '127.0.0.1:8984'],
-    ],
-  );
-  const child = c.children[0]!.config;
-  t.same(child.cas, { kind: 'disk', path: join(repoRoot, 'data/shard-a/cas'), maxSizeBytes: 4294967296 }, 'child paths resolve against the config file');
-  t.same(child.children, [], 'children have no children');
 });
 
 /** valid() listening on `listen` (children need addresses of their own). */

@@ -54,6 +54,7 @@ t.test('the shipped config.json is the local cluster: an edge over three shards 
   for (const child of c.children) {
     t.same(child.config.cas, { kind: 'disk', path: join(repoRoot, 'data', child.name, 'cas'), maxSizeBytes: child.config.cas.kind === 'disk' ? child.config.cas.maxSizeBytes : -1 });
     t.equal(child.config.ac.kind, 'disk', `${child.name}: a plain AC (completeness is checked at the edge)`);
+    t.same(child.config.children, [], `${child.name}: children have no children`);
   }
   // Both trees: fallback { primary: sharding over shard-a..c, secondary } whose
   // remote URLs are exactly the children's addresses.

@@ -55,6 +55,7 @@ t.test('the shipped config.json is the local cluster: an edge over three shards 
     t.same(child.config.cas, { kind: 'disk', path: join(repoRoot, 'data', child.name, 'cas'), maxSizeBytes: child.config.cas.kind === 'disk' ? child.config.cas.maxSizeBytes : -1 });
     t.equal(child.config.ac.kind, 'disk', `${child.name}: a plain AC (completeness is checked at the edge)`);
     t.same(child.config.children, [], `${child.name}: children have no children`);
+    t.equal(child.config.admin?.listen.host, '127.0.0.1', `${child.name}: its own /metrics (disk usage, evictions) on loopback`);
   }
   // Both trees: fallback { primary: sharding over shard-a..c, secondary } whose
   // remote URLs are exactly the children's addresses.

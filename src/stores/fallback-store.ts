@@ -8,16 +8,11 @@ import { isCode, isInfrastructureError, throwIfAborted, toConnectError, withPref
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
 import type { BreakerTransition, CircuitBreakerOptions } from './circuit-breaker.ts';
 import { CircuitBreaker } from './circuit-breaker.ts';
+import type { CopyJob, CopyOutcome, OverflowPolicy } from './copy-queue.ts';
+import { CopyQueue } from './copy-queue.ts';
+import { ReplayableUpload } from './replayable-upload.ts';
 
-/**
- * What happens to a replication item when the queue is full. The write
- * itself has already succeeded on the primary either way; only its copy to
- * the secondary is given up (and counted as `overflow`).
- * - drop-oldest: the oldest waiting item makes room. Recent blobs are the
- *   ones a build is most likely to read next, so they get the backup.
- * - reject-new: the new item is not queued; older ones keep their place.
- */
-export type OverflowPolicy = 'drop-oldest' | 'reject-new';
+export type { OverflowPolicy } from './copy-queue.ts';
 
 export interface ReplicationOptions {
   /** Most items waiting (in flight not counted). Default 10,000. */
@@ -399,35 +394,39 @@ export class FallbackStore implements BlobStore {
       await this.#putOnSecondary(digest, chunks, opts);
       return;
     }
-    const source = new ReplayableSource(chunks, this.#failoverBufferBytes);
+    const source = new ReplayableUpload(chunks, this.#failoverBufferBytes);
     try {
-      await this.#primary.put(digest, source.forPrimary(), opts);
+      await this.#primary.put(digest, source.stream(), opts);
     } catch (err) {
       // Stop the primary's view of the upload, and wait for a pull it left
       // in flight, before judging what can be handed over.
       await source.detach();
       // A failing client stream or a cancelled call says nothing about the primary.
       if (source.failed) {
-        source.release();
+        source.dispose();
         throw toConnectError(err);
       }
       if (opts?.signal?.aborted || !isInfrastructureError(err)) {
-        source.release();
+        source.dispose();
         throwIfAborted(opts?.signal);
         this.#breaker.recordSuccess(); // an answer, such as INVALID_ARGUMENT
         throw withPrefix('primary', err);
       }
       this.#breaker.recordFailure(err);
       if (!source.replayable) {
-        source.release();
+        source.dispose();
         throw withPrefix('primary', err);
       }
       this.#failovers++;
       this.#log?.warn({ blob: digestString(digest), err: describe(err) }, 'fallback: primary failed a write; writing to the secondary');
-      await this.#putOnSecondary(digest, source.forReplay(), opts);
+      try {
+        await this.#putOnSecondary(digest, source.stream(), opts);
+      } finally {
+        source.dispose();
+      }
       return;
     }
-    source.release();
+    source.dispose();
     this.#breaker.recordSuccess();
     const key = digestKey(digest);
     if (this.#journal.has(key)) {
@@ -704,311 +703,6 @@ export class FallbackStore implements BlobStore {
     // Also retries queued work that waited for the primary.
     this.#pumpAll();
   }
-}
-
-// ---------------------------------------------------------------------------
-
-/** Outcome of one background copy: copied, or the source no longer has it. */
-type CopyOutcome = 'done' | 'vanished';
-
-interface CopyJob {
-  readonly key: string;
-  readonly digest: Digest;
-  /** The journal version being replayed; 0 for replication and repair. */
-  seq: number;
-  /** The newest version added while this job was in flight. */
-  nextSeq: number;
-  readonly enqueuedAt: number;
-  attempts: number;
-  /** Added again while in flight: run once more afterwards (AC values can change). */
-  again: boolean;
-  timer: NodeJS.Timeout | undefined;
-}
-
-interface CopyQueueOptions {
-  readonly maxQueue: number;
-  readonly concurrency: number;
-  readonly overflow: OverflowPolicy;
-  readonly maxAttempts: number;
-  readonly retryInitialMs: number;
-  readonly retryMaxMs: number;
-  readonly timeoutMs: number;
-  readonly signal: AbortSignal;
-  /** Jobs start only while this holds (the primary is up). */
-  readonly canRun: () => boolean;
-  readonly run: (job: CopyJob, signal: AbortSignal) => Promise<CopyOutcome>;
-  readonly onGiveUp: (job: CopyJob, err: unknown) => void;
-  /** Called once per item given up for overflow (the dropped oldest, or the rejected new one). */
-  readonly onOverflow?: ((given: Digest) => void) | undefined;
-}
-
-interface CopyQueueStats {
-  readonly queued: number;
-  readonly inFlight: number;
-  readonly done: number;
-  readonly failed: number;
-  readonly vanished: number;
-  readonly overflow: number;
-  readonly lagMs: number;
-}
-
-/**
- * A bounded, deduplicated queue of background copies with a concurrency
- * limit and retries with backoff. Jobs name a digest only: the bytes are
- * streamed from the source when the job runs.
- */
-class CopyQueue {
-  readonly overflowPolicy: OverflowPolicy;
-  readonly #o: CopyQueueOptions;
-  // Every waiting job (ready or backing off), in the order queued.
-  readonly #pending = new Map<string, CopyJob>();
-  // The waiting jobs that may start now, oldest first.
-  readonly #ready = new Map<string, CopyJob>();
-  readonly #inFlight = new Map<string, CopyJob>();
-  readonly #running = new Set<Promise<void>>();
-  #done = 0;
-  #failed = 0;
-  #vanished = 0;
-  #overflow = 0;
-
-  constructor(o: CopyQueueOptions) {
-    this.#o = o;
-    this.overflowPolicy = o.overflow;
-  }
-
-  /** Queues a copy of `digest`; false if it was refused for overflow. */
-  add(digest: Digest, seq: number): boolean {
-    if (this.#o.signal.aborted) return false;
-    const key = digestKey(digest);
-    const running = this.#inFlight.get(key);
-    if (running !== undefined) {
-      // Its copy may predate this version: it keeps deleting only its own
-      // version, and the new one runs afterwards.
-      running.again = true;
-      if (seq > running.nextSeq) running.nextSeq = seq;
-      return true;
-    }
-    const waiting = this.#pending.get(key);
-    if (waiting !== undefined) {
-      if (seq > waiting.seq) waiting.seq = seq;
-      return true;
-    }
-    if (this.#pending.size >= this.#o.maxQueue) {
-      this.#overflow++;
-      if (this.#o.overflow === 'reject-new') {
-        this.#o.onOverflow?.(digest);
-        return false;
-      }
-      const oldest = this.#pending.values().next().value!;
-      this.#unqueue(oldest);
-      this.#o.onOverflow?.(oldest.digest);
-    }
-    const job: CopyJob = { key, digest, seq, nextSeq: seq, enqueuedAt: Date.now(), attempts: 0, again: false, timer: undefined };
-    this.#pending.set(key, job);
-    this.#ready.set(key, job);
-    this.pump();
-    return true;
-  }
-
-  /** Forgets a waiting job (not one in flight). */
-  remove(key: string): void {
-    const job = this.#pending.get(key);
-    if (job !== undefined) this.#unqueue(job);
-  }
-
-  /** Starts ready jobs up to the concurrency limit. */
-  pump(): void {
-    while (
-      !this.#o.signal.aborted
-      && this.#inFlight.size < this.#o.concurrency
-      && this.#ready.size > 0
-      && this.#o.canRun()
-    ) {
-      const job = this.#ready.values().next().value!;
-      this.#unqueue(job);
-      this.#inFlight.set(job.key, job);
-      const p = this.#runJob(job).finally(() => this.#running.delete(p));
-      this.#running.add(p);
-    }
-  }
-
-  stats(): CopyQueueStats {
-    const now = Date.now();
-    let oldest = now;
-    for (const j of this.#pending.values()) oldest = Math.min(oldest, j.enqueuedAt);
-    for (const j of this.#inFlight.values()) oldest = Math.min(oldest, j.enqueuedAt);
-    return {
-      queued: this.#pending.size,
-      inFlight: this.#inFlight.size,
-      done: this.#done,
-      failed: this.#failed,
-      vanished: this.#vanished,
-      overflow: this.#overflow,
-      lagMs: now - oldest,
-    };
-  }
-
-  /** Waits for jobs in flight (aborted by the shared signal) and drops the rest. */
-  async close(): Promise<void> {
-    for (const job of this.#pending.values()) clearTimeout(job.timer);
-    this.#pending.clear();
-    this.#ready.clear();
-    await Promise.allSettled([...this.#running]);
-  }
-
-  #unqueue(job: CopyJob): void {
-    clearTimeout(job.timer);
-    job.timer = undefined;
-    this.#pending.delete(job.key);
-    this.#ready.delete(job.key);
-  }
-
-  async #runJob(job: CopyJob): Promise<void> {
-    job.attempts++;
-    job.again = false;
-    const signal = AbortSignal.any([this.#o.signal, AbortSignal.timeout(this.#o.timeoutMs)]);
-    let retry = false;
-    try {
-      const outcome = await this.#o.run(job, signal);
-      if (outcome === 'done') this.#done++;
-      else this.#vanished++;
-    } catch (err) {
-      if (this.#o.signal.aborted) return;
-      const retryable = isInfrastructureError(err) || isCode(err, Code.NotFound) || isCode(err, Code.Canceled);
-      if (retryable && job.attempts < this.#o.maxAttempts) {
-        retry = true;
-      } else {
-        this.#failed++;
-        this.#o.onGiveUp(job, err);
-      }
-    } finally {
-      this.#inFlight.delete(job.key);
-    }
-    if (this.#o.signal.aborted) return;
-    if (retry) {
-      // The retry reads the source afresh, so it covers any newer version.
-      job.seq = Math.max(job.seq, job.nextSeq);
-      job.again = false;
-      this.#pending.set(job.key, job);
-      job.timer = setTimeout(() => {
-        job.timer = undefined;
-        if (this.#pending.get(job.key) !== job) return;
-        this.#ready.set(job.key, job);
-        this.pump();
-      }, backoffMs(job.attempts, this.#o.retryInitialMs, this.#o.retryMaxMs));
-      job.timer.unref();
-    } else if (job.again) {
-      this.add(job.digest, job.nextSeq);
-    }
-    this.pump();
-  }
-}
-
-/**
- * Hands an upload to the primary while remembering its first
- * `limit` bytes, so that if the primary fails it can be handed, whole, to the
- * secondary: the remembered prefix, then the rest of the original stream.
- */
-class ReplayableSource {
-  readonly #it: AsyncIterator<Uint8Array>;
-  readonly #limit: number;
-  #kept: Uint8Array[] = [];
-  #keptBytes = 0;
-  #overflowed = false;
-  #ended = false;
-  #failed = false;
-  #detached = false;
-  // Pulls are chained so the prefix is recorded in stream order.
-  #last: Promise<unknown> = Promise.resolve();
-
-  constructor(source: AsyncIterable<Uint8Array>, limit: number) {
-    this.#it = source[Symbol.asyncIterator]();
-    this.#limit = limit;
-  }
-
-  /** True when the upload itself (the client's stream) failed. */
-  get failed(): boolean {
-    return this.#failed;
-  }
-
-  /** True when everything the primary consumed can be handed over again. */
-  get replayable(): boolean {
-    return !this.#overflowed && !this.#failed;
-  }
-
-  /** The view the primary consumes. return() does not end the real stream. */
-  forPrimary(): AsyncIterable<Uint8Array> {
-    const iterator: AsyncIterator<Uint8Array> = {
-      next: () => this.#pull(),
-      return: async () => ({ done: true, value: undefined }),
-    };
-    return { [Symbol.asyncIterator]: () => iterator };
-  }
-
-  /** Cuts the primary off this upload and waits for its last pull to land. */
-  async detach(): Promise<void> {
-    this.#detached = true;
-    await this.#last;
-  }
-
-  /** The whole upload again, after detach() and only if replayable. */
-  async *forReplay(): AsyncIterable<Uint8Array> {
-    const kept = this.#kept;
-    this.#kept = [];
-    yield* kept;
-    try {
-      while (!this.#ended) {
-        const r = await this.#it.next();
-        if (r.done === true) break;
-        yield r.value;
-      }
-    } finally {
-      this.release();
-    }
-  }
-
-  /** Lets the original stream finish (or be cleaned up) when it is no longer needed. */
-  release(): void {
-    this.#kept = [];
-    if (!this.#ended) {
-      this.#ended = true;
-      void this.#last.then(() => this.#it.return?.()).catch(() => {});
-    }
-  }
-
-  #pull(): Promise<IteratorResult<Uint8Array>> {
-    if (this.#detached) {
-      return Promise.reject(new ConnectError('upload was handed to the secondary', Code.Canceled));
-    }
-    const p = this.#last.then(() => this.#it.next()).then(
-      (r) => {
-        if (r.done === true) {
-          this.#ended = true;
-        } else if (!this.#overflowed) {
-          if (this.#keptBytes + r.value.byteLength <= this.#limit) {
-            this.#kept.push(r.value);
-            this.#keptBytes += r.value.byteLength;
-          } else {
-            this.#overflowed = true;
-            this.#kept = [];
-          }
-        }
-        return r;
-      },
-      (err: unknown) => {
-        this.#failed = true;
-        this.#ended = true;
-        throw err;
-      },
-    );
-    this.#last = p.catch(() => {});
-    return p;
-  }
-}
-
-function backoffMs(attempt: number, initialMs: number, maxMs: number): number {
-  const base = Math.min(maxMs, initialMs * 2 ** Math.max(0, attempt - 1));
-  return Math.round(base * (0.5 + Math.random() / 2));
 }
 
 function positive(n: number, what: string): number {

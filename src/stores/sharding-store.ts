@@ -10,6 +10,7 @@ import { isCode, isInfrastructureError, notFound, throwIfAborted, toConnectError
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
 import { CircuitBreaker, type BreakerTransition, type CircuitBreakerOptions } from './circuit-breaker.ts';
 import { Placement, rank, validateShards } from './rendezvous.ts';
+import { ReplayableUpload } from './replayable-upload.ts';
 
 export interface ShardOptions {
   /** Unique, stable name: it is the rendezvous hashing key, so renaming moves data. */
@@ -354,7 +355,7 @@ export class ShardingStore implements BlobStore {
     const ranked = this.#ranked(digest);
     const owner = ranked[0]!; // the true owner, whatever its state
     const candidates = ranked.filter((s) => avail.has(s));
-    const source = new ReplayableChunks(chunks, this.#maxReplayBytes, this.#foreignErrors);
+    const source = new ReplayableUpload(chunks, this.#maxReplayBytes, { clientErrors: this.#foreignErrors });
     try {
       let target = candidates[0]!;
       for (let attempt = 0; ; attempt++) {
@@ -755,102 +756,6 @@ function groupByNext(entries: Iterable<MissingEntry>): Map<Shard, MissingEntry[]
     else group.push(e);
   }
   return groups;
-}
-
-/**
- * Lets a single-use upload be sent again: chunks pulled from the source are
- * kept (up to `limit` bytes) and replayed to the next consumer, which then
- * continues pulling from the source. Once more than `limit` bytes were
- * pulled, the upload can no longer be replayed.
- *
- * A consumer that was given up on (its shard call cancelled) may still be
- * waiting on the source when the next one starts; pulls are therefore shared:
- * at most one is in flight, each pulled chunk is recorded before any consumer
- * sees it, and every consumer reads the chunks by position, so none is
- * skipped or sent twice.
- */
-class ReplayableChunks {
-  readonly #it: AsyncIterator<Uint8Array>;
-  readonly #limit: number;
-  readonly #errors: WeakSet<object>;
-  // Chunks 0..#pulled-1 while not overflowed.
-  readonly #kept: Uint8Array[] = [];
-  #keptBytes = 0;
-  #pulled = 0;
-  // Chunk #pulled-1, kept even after an overflow for the consumer waiting on it.
-  #last: Uint8Array | undefined;
-  #overflowed = false;
-  #done = false;
-  #error: { readonly err: unknown } | undefined;
-  #pull: Promise<void> | null = null;
-  #epoch = 0;
-
-  constructor(source: AsyncIterable<Uint8Array>, limit: number, errors: WeakSet<object>) {
-    this.#it = source[Symbol.asyncIterator]();
-    this.#limit = limit;
-    this.#errors = errors;
-  }
-
-  get replayable(): boolean {
-    return !this.#overflowed;
-  }
-
-  stream(): AsyncIterable<Uint8Array> {
-    const epoch = ++this.#epoch;
-    return (async function* (self: ReplayableChunks) {
-      for (let pos = 0; ; ) {
-        if (epoch !== self.#epoch) throw new ConnectError('upload was handed to another shard', Code.Aborted);
-        if (pos < self.#pulled) {
-          const chunk = !self.#overflowed ? self.#kept[pos] : pos === self.#pulled - 1 ? self.#last : undefined;
-          if (chunk === undefined) throw new ConnectError('upload can no longer be replayed', Code.Aborted);
-          pos++;
-          yield chunk;
-          continue;
-        }
-        if (self.#error !== undefined) throw self.#error.err;
-        if (self.#done) return;
-        await (self.#pull ??= self.#next());
-      }
-    })(this);
-  }
-
-  /** Releases the source if a shard stopped reading before its end. */
-  dispose(): void {
-    this.#kept.length = 0;
-    this.#last = undefined;
-    if (!this.#done) {
-      this.#done = true;
-      this.#it.return?.()?.catch(() => {});
-    }
-  }
-
-  async #next(): Promise<void> {
-    try {
-      const r = await this.#it.next();
-      if (r.done === true) {
-        this.#done = true;
-        return;
-      }
-      this.#pulled++;
-      this.#last = r.value;
-      if (!this.#overflowed) {
-        this.#keptBytes += r.value.byteLength;
-        if (this.#keptBytes > this.#limit) {
-          this.#overflowed = true;
-          this.#kept.length = 0;
-        } else {
-          this.#kept.push(r.value);
-        }
-      }
-    } catch (err) {
-      // The client's own upload failed: no shard is to blame.
-      if (typeof err === 'object' && err !== null) this.#errors.add(err);
-      this.#error = { err };
-      throw err;
-    } finally {
-      this.#pull = null;
-    }
-  }
 }
 
 const HINT_FILE = 'hints.jsonl';

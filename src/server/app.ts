@@ -8,7 +8,9 @@ import type { Http2Server } from 'node:http2';
 import type { Logger } from 'pino';
 import type { ServiceDeps } from '../services/deps.ts';
 import { type RequestContext, requestContext } from '../request-context.ts';
+import { createByteStreamCore } from '../services/bytestream.ts';
 import { registerServices } from '../services/index.ts';
+import { createByteStreamFastPath } from './bytestream-fast-path.ts';
 import { createOnePortServer } from './listen.ts';
 import type { OnePortServerOptions, RequestHandler } from './listen.ts';
 
@@ -63,8 +65,31 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     isReady: () => !draining.signal.aborted && opts.deps.isReady(),
   };
 
+  // Large enough for a full batch or a 16 MiB ActionResult plus framing.
+  const maxMessageBytes = Math.max(17 * MiB, deps.maxBatchTotalSizeBytes + MiB);
+  const shutdownError = new ConnectError('server is shutting down', Code.Unavailable);
+  const interceptors = [...(opts.interceptors ?? []), rpcInterceptor(logger, shutdownError)];
+  const callValues = (peer: string | undefined, requestId: string) =>
+    createContextValues().set(kCall, { peer, requestId, started: performance.now(), logged: false });
+  let fastCalls = 0;
+
+  // ByteStream Read/Write over gRPC bypass fastify and Connect (see
+  // bytestream-fast-path.ts for why); everything else goes to fastify.
+  const fastPath = createByteStreamFastPath({
+    core: createByteStreamCore(deps),
+    interceptors,
+    // Ids of their own ("bs-N"), apart from fastify's "req-N".
+    contextValues: (req) => callValues(req.socket?.remoteAddress, `bs-${++fastCalls}`),
+    maxMessageBytes,
+    logger: logger.child({ component: 'bytestream-fast-path' }),
+  });
+  let fastPathKill: NodeJS.Timeout | undefined;
+
   const serverFactory = ((handler: RequestHandler) =>
-    createOnePortServer(handler, {
+    createOnePortServer((req, res) => {
+      if ('stream' in req && fastPath.handles(req)) fastPath.serve(req);
+      else handler(req, res);
+    }, {
       drainTimeoutMs: shutdownTimeoutMs + 2000,
       ...opts.server,
       logger: logger.child({ component: 'server' }),
@@ -80,18 +105,21 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
 
   app.addHook('preClose', (done) => {
     draining.abort();
+    // Fast-path calls get the same grace as Connect's (shutdownTimeoutMs below).
+    fastPathKill = setTimeout(() => fastPath.abortAll(shutdownError), shutdownTimeoutMs).unref();
+    done();
+  });
+  app.addHook('onClose', (_app, done) => {
+    clearTimeout(fastPathKill);
     done();
   });
 
-  // Large enough for a full batch or a 16 MiB ActionResult plus framing.
-  const maxMessageBytes = Math.max(17 * MiB, deps.maxBatchTotalSizeBytes + MiB);
-  const shutdownError = new ConnectError('server is shutting down', Code.Unavailable);
   await app.register(fastifyConnectPlugin, {
     grpc: true,
     grpcWeb: true,
     connect: true,
     routes: (router) => registerServices(router, deps, { draining: draining.signal }),
-    interceptors: [...(opts.interceptors ?? []), rpcInterceptor(logger, shutdownError)],
+    interceptors,
     requestGate: watchEarlyErrors(logger),
     readMaxBytes: maxMessageBytes,
     writeMaxBytes: maxMessageBytes,
@@ -105,8 +133,7 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     jsonOptions: { ignoreUnknownFields: false },
     shutdownTimeoutMs,
     shutdownError,
-    contextValues: (req) =>
-      createContextValues().set(kCall, { peer: req.ip, requestId: String(req.id), started: performance.now(), logged: false }),
+    contextValues: (req) => callValues(req.ip, String(req.id)),
   });
   return app;
 }

@@ -3,7 +3,8 @@ import { constants as zlibConstants, createZstdCompress, createZstdDecompress } 
 import type { Transform } from 'node:stream';
 import { Code, ConnectError } from '@connectrpc/connect';
 import type { ServiceImpl } from '@connectrpc/connect';
-import type { ByteStream, WriteRequest } from '../../gen/google/bytestream/bytestream_pb.ts';
+import type { ByteStream } from '../../gen/google/bytestream/bytestream_pb.ts';
+import type { ReadRequestFields, WriteRequestFields } from '../grpc/bytestream-codec.ts';
 import type { Digest } from '../digest.ts';
 import { digestString, isEmptyDigest } from '../digest.ts';
 import { toConnectError, withPrefix } from '../errors.ts';
@@ -43,7 +44,35 @@ const ZSTD_CHUNK_BYTES = 64 * 1024;
  *   every Write must start at write_offset 0. Bazel then restarts an
  *   interrupted upload from the beginning, which the protocol allows.
  */
-export function createByteStreamService(deps: ServiceDeps): ServiceImpl<typeof ByteStream> {
+export function createByteStreamService(deps: ServiceDeps, core = createByteStreamCore(deps)): ServiceImpl<typeof ByteStream> {
+  return {
+    async *read(req, ctx) {
+      for await (const data of core.read(req, ctx.signal)) yield { data };
+    },
+    async write(requests, ctx) {
+      return { committedSize: await core.write(requests, ctx.signal) };
+    },
+    async queryWriteStatus(req, ctx) {
+      return core.queryWriteStatus(req.resourceName, ctx.signal);
+    },
+  };
+}
+
+/**
+ * What the ByteStream RPCs do, apart from how messages travel: the Connect
+ * service above and the gRPC fast path (src/server/bytestream-fast-path.ts)
+ * both call this, so offsets, limits, zstd, early completion, resource-name
+ * errors and verified writes behave the same on either.
+ */
+export interface ByteStreamCore {
+  /** The blob's bytes for a ReadRequest, in pieces of at most READ_CHUNK_BYTES. */
+  read(req: ReadRequestFields, signal: AbortSignal): AsyncGenerator<Uint8Array>;
+  /** Consumes a Write stream into the CAS; resolves to the committed_size to answer. */
+  write(requests: AsyncIterable<WriteRequestFields>, signal: AbortSignal): Promise<bigint>;
+  queryWriteStatus(resourceName: string, signal: AbortSignal): Promise<{ committedSize: bigint; complete: boolean }>;
+}
+
+export function createByteStreamCore(deps: Pick<ServiceDeps, 'cas' | 'logger'>): ByteStreamCore {
   const { cas, logger } = deps;
 
   /** Whether the CAS already holds `digest`. With `lenient`, a failing lookup counts as "no". */
@@ -61,7 +90,7 @@ export function createByteStreamService(deps: ServiceDeps): ServiceImpl<typeof B
   }
 
   return {
-    async *read(req, ctx) {
+    async *read(req, signal) {
       const { digest, compressor } = parseReadResourceName(req.resourceName);
       const { readOffset, readLimit } = req;
       if (readOffset < 0n) {
@@ -92,22 +121,20 @@ export function createByteStreamService(deps: ServiceDeps): ServiceImpl<typeof B
         source = noChunks();
       } else {
         try {
-          source = await cas.get(digest, { offset, limit, signal: ctx.signal });
+          source = await cas.get(digest, { offset, limit, signal });
         } catch (err) {
           throw toConnectError(err);
         }
       }
       if (compressor === 'zstd') source = zstdCompress(source);
       try {
-        for await (const data of splitChunks(source, READ_CHUNK_BYTES)) {
-          yield { data };
-        }
+        yield* splitChunks(source, READ_CHUNK_BYTES);
       } catch (err) {
         throw toConnectError(err);
       }
     },
 
-    async write(requests, ctx) {
+    async write(requests, signal) {
       const it = requests[Symbol.asyncIterator]();
       const first = await it.next();
       if (first.done === true) {
@@ -120,9 +147,9 @@ export function createByteStreamService(deps: ServiceDeps): ServiceImpl<typeof B
       const resource = parseWriteResourceName(name);
       const compressed = resource.compressor !== 'identity';
       // What the spec says to answer when the blob was already there.
-      const alreadyStored = { committedSize: compressed ? -1n : BigInt(resource.digest.size) };
+      const alreadyStored = compressed ? -1n : BigInt(resource.digest.size);
 
-      if (await isStored(resource.digest, ctx.signal, true)) {
+      if (await isStored(resource.digest, signal, true)) {
         stopReading(it);
         return alreadyStored;
       }
@@ -131,7 +158,7 @@ export function createByteStreamService(deps: ServiceDeps): ServiceImpl<typeof B
       let data = upload.chunks();
       if (compressed) data = zstdDecompress(data);
       try {
-        await cas.put(resource.digest, data, { signal: ctx.signal });
+        await cas.put(resource.digest, data, { signal });
       } catch (err) {
         // Our own complaint about the stream is more precise than whatever a
         // store made of it on the way back up.
@@ -143,12 +170,12 @@ export function createByteStreamService(deps: ServiceDeps): ServiceImpl<typeof B
         return alreadyStored;
       }
       // In write_offset terms: for a compressed upload, the compressed bytes.
-      return { committedSize: compressed ? upload.received : BigInt(resource.digest.size) };
+      return compressed ? upload.received : BigInt(resource.digest.size);
     },
 
-    async queryWriteStatus(req, ctx) {
-      const resource = parseWriteResourceName(req.resourceName);
-      if (await isStored(resource.digest, ctx.signal, false)) {
+    async queryWriteStatus(resourceName, signal) {
+      const resource = parseWriteResourceName(resourceName);
+      if (await isStored(resource.digest, signal, false)) {
         return {
           committedSize: resource.compressor === 'identity' ? BigInt(resource.digest.size) : -1n,
           complete: true,
@@ -168,8 +195,8 @@ export function createByteStreamService(deps: ServiceDeps): ServiceImpl<typeof B
  */
 class IncomingUpload {
   readonly #name: string;
-  readonly #it: AsyncIterator<WriteRequest>;
-  readonly #first: WriteRequest;
+  readonly #it: AsyncIterator<WriteRequestFields>;
+  readonly #first: WriteRequestFields;
   /** Bytes received so far, as they came over the wire (compressed or not). */
   received = 0n;
   /** True once finish_write was seen and the stream ended cleanly after it. */
@@ -177,7 +204,7 @@ class IncomingUpload {
   /** The first protocol violation found, if any. */
   error: ConnectError | undefined;
 
-  constructor(name: string, it: AsyncIterator<WriteRequest>, first: WriteRequest) {
+  constructor(name: string, it: AsyncIterator<WriteRequestFields>, first: WriteRequestFields) {
     this.#name = name;
     this.#it = it;
     this.#first = first;
@@ -209,7 +236,7 @@ class IncomingUpload {
     this.completed = true;
   }
 
-  #check(msg: WriteRequest): void {
+  #check(msg: WriteRequestFields): void {
     if (msg.resourceName !== '' && msg.resourceName !== this.#name) {
       throw this.#fail(`resource_name changed mid-stream to "${clip(msg.resourceName)}"`);
     }

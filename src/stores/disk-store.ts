@@ -282,23 +282,26 @@ export class DiskStore implements BlobStore {
     try {
       fh = await this.#io(`creating temp file for blob ${key}`, open(tmpPath, 'wx', 0o644));
       const source = this.#opts.contentAddressed ? verifying(digest, chunks) : this.#capped(digest, chunks);
-      let size = 0;
       const it = source[Symbol.asyncIterator]();
+      const file = fh;
+      // Buffers no larger than the blob: small blobs are most of a CAS.
+      const capacity = this.#opts.contentAddressed ? digest.size : 64 * 1024;
+      const out = new WriteBehind(capacity, (buf) => this.#io(`writing blob ${key}`, writeFully(file, buf)));
       try {
         for (;;) {
-          // Awaiting each write before pulling the next chunk is the
-          // backpressure: at most one chunk is held per upload.
           const r = await abortable(it.next(), signal);
           if (r.done) break;
-          if (r.value.byteLength === 0) continue;
-          await this.#io(`writing blob ${key}`, writeFully(fh, r.value));
-          size += r.value.byteLength;
+          // At most two buffers per upload: one being written, one filling.
+          await out.add(r.value);
         }
+        await out.flush();
       } catch (err) {
         // Stop the source (it may be stuck waiting on a client); don't wait.
         it.return?.().catch(noop);
+        await out.settle();
         throw err;
       }
+      const size = out.bytes;
       if (this.#fsync) await this.#io(`syncing blob ${key}`, fh.sync());
       await this.#io(`closing blob ${key}`, fh.close());
       fh = undefined;
@@ -626,6 +629,72 @@ function errno(err: unknown): string | undefined {
 }
 
 async function* empty(): AsyncIterable<Uint8Array> {}
+
+/** Bytes gathered before one write to the temp file. */
+const WRITE_BUFFER_BYTES = 1024 * 1024;
+
+/**
+ * Gathers an upload's chunks (16 KiB each from Bazel) into 1 MiB buffers and
+ * writes each while the next one fills, so the disk sees a few large writes
+ * and the network is never waiting on it. Chunks are copied, so a source may
+ * reuse its buffers as soon as add() returns. Backpressure: add() waits when
+ * a full buffer is ready and the previous write is still running.
+ */
+class WriteBehind {
+  readonly #write: (buf: Uint8Array) => Promise<void>;
+  readonly #capacity: number;
+  #buf: Buffer | undefined;
+  #fill = 0;
+  #spare: Buffer | undefined;
+  #inFlight: Promise<void> | undefined;
+  bytes = 0;
+
+  /** `sizeHint`: the expected total, so a small upload gets a small buffer. */
+  constructor(sizeHint: number, write: (buf: Uint8Array) => Promise<void>) {
+    this.#capacity = Math.max(1, Math.min(WRITE_BUFFER_BYTES, sizeHint));
+    this.#write = write;
+  }
+
+  async add(chunk: Uint8Array): Promise<void> {
+    let off = 0;
+    while (off < chunk.byteLength) {
+      this.#buf ??= this.#spare ?? Buffer.allocUnsafe(this.#capacity);
+      this.#spare = undefined;
+      const n = Math.min(this.#buf.length - this.#fill, chunk.byteLength - off);
+      this.#buf.set(chunk.subarray(off, off + n), this.#fill);
+      this.#fill += n;
+      off += n;
+      this.bytes += n;
+      if (this.#fill === this.#buf.length) await this.#start();
+    }
+  }
+
+  /** Writes what is gathered and waits for every write. */
+  async flush(): Promise<void> {
+    if (this.#fill > 0) await this.#start();
+    await this.#inFlight;
+    this.#inFlight = undefined;
+  }
+
+  /** Waits for a write still running, ignoring its outcome (after a failure elsewhere). */
+  async settle(): Promise<void> {
+    await this.#inFlight?.catch(noop);
+  }
+
+  async #start(): Promise<void> {
+    await this.#inFlight;
+    const buf = this.#buf!;
+    const fill = this.#fill;
+    this.#buf = undefined;
+    this.#fill = 0;
+    this.#inFlight = this.#write(buf.subarray(0, fill)).then(() => {
+      this.#spare = buf;
+    });
+    // A failed write is reported by the next add()/flush(); keep it from
+    // counting as unhandled meanwhile.
+    this.#inFlight.catch(noop);
+  }
+}
 
 async function writeFully(fh: FileHandle, chunk: Uint8Array): Promise<void> {
   let off = 0;

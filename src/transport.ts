@@ -7,7 +7,7 @@
 //
 // - undici 7.x and 8.x complete a request when HTTP/2 trailers arrive while the
 //   response stream is paused by backpressure, and drop the body still buffered
-//   (docs: /work/shared/ENVIRONMENT.md, "undici as a gRPC client"). Over gRPC
+//   (../shared/ENVIRONMENT.md from the repo root, "undici as a gRPC client"). Over gRPC
 //   that is a truncated ByteStream Read that ends with status OK: silent data
 //   loss, exactly on our data path (a slow Bazel client downloading a large
 //   blob through the edge). Connect ships no undici gRPC transport either; a
@@ -31,6 +31,8 @@ import type * as http2 from 'node:http2';
 import type { Transport } from '@connectrpc/connect';
 import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';
 
+const USER_AGENT = 'reapi-edge (node:http2)';
+
 /** Names the client stack, for describe() and logs. */
 export const TRANSPORT_KIND = 'connect-node-http2';
 
@@ -40,7 +42,13 @@ export const TRANSPORT_KIND = 'connect-node-http2';
  * keep sending while we forward. It also bounds how much of a read can sit
  * buffered in this process for a paused consumer, per stream.
  */
-const STREAM_WINDOW_BYTES = 1024 * 1024;
+const STREAM_WINDOW_BYTES = 4 * 1024 * 1024;
+/**
+ * Largest HTTP/2 frame we accept (the protocol's default is 16 KiB). Larger
+ * DATA frames mean fewer frames, callbacks and 'data' events per MiB.
+ */
+const MAX_FRAME_BYTES = 1024 * 1024;
+
 /** Connection-level receive window: room for several concurrent reads. */
 const SESSION_WINDOW_BYTES = 16 * 1024 * 1024;
 
@@ -64,6 +72,12 @@ export interface ShardTransportOptions {
 
 export interface ShardTransport {
   readonly transport: Transport;
+  /**
+   * Opens a raw HTTP/2 stream for a gRPC call on the same session (the
+   * ByteStream fast path: src/stores/remote-bytestream.ts). `method` is
+   * "/package.Service/Method"; the url's path, if any, is prefixed.
+   */
+  openGrpcStream(method: string, headers?: http2.OutgoingHttpHeaders): Promise<http2.ClientHttp2Stream>;
   /** Which client stack is in use (TRANSPORT_KIND). */
   readonly kind: string;
   /** HTTP/2 session state: closed, connecting, open, idle, verifying or error. */
@@ -92,7 +106,7 @@ class ShardSessionManager extends Http2SessionManager {
         pingTimeoutMs: 5_000,
         idleConnectionTimeoutMs: 15 * 60_000,
       },
-      { ...tls, settings: { initialWindowSize: STREAM_WINDOW_BYTES, ...tls?.settings } },
+      { ...tls, settings: { initialWindowSize: STREAM_WINDOW_BYTES, maxFrameSize: MAX_FRAME_BYTES, ...tls?.settings } },
     );
     this.#onStream = onStream;
   }
@@ -134,9 +148,17 @@ export function createShardTransport(opts: ShardTransportOptions): ShardTranspor
     acceptCompression: [],
   });
   let closed = false;
+  const pathPrefix = url.pathname.replace(/\/+$/, '');
   return {
     transport,
     kind: TRANSPORT_KIND,
+    openGrpcStream: (method, headers) =>
+      sessionManager.request(
+        'POST',
+        pathPrefix + method,
+        { 'content-type': 'application/grpc', te: 'trailers', 'user-agent': USER_AGENT, ...headers },
+        {},
+      ),
     state: () => sessionManager.state(),
     close: () => {
       if (closed) return;

@@ -1,5 +1,3 @@
-import { randomUUID } from 'node:crypto';
-import type { MessageInitShape } from '@bufbuild/protobuf';
 import { fromBinary, toBinary } from '@bufbuild/protobuf';
 import type { Client } from '@connectrpc/connect';
 import { Code, ConnectError, createClient } from '@connectrpc/connect';
@@ -11,14 +9,14 @@ import { mapLimitCancelling } from '../concurrency.ts';
 import { collect, resolveRange } from '../streams.ts';
 import type { ShardTransport } from '../transport.ts';
 import { createShardTransport } from '../transport.ts';
+import type { ByteStreamDeps } from './remote-bytestream.ts';
+import { ShardRead, shardWrite } from './remote-bytestream.ts';
 import {
   ActionCache,
   ActionResultSchema,
   Capabilities,
   ContentAddressableStorage,
 } from '../../gen/build/bazel/remote/execution/v2/remote_execution_pb.ts';
-import type { ReadResponse, WriteRequestSchema } from '../../gen/google/bytestream/bytestream_pb.ts';
-import { ByteStream } from '../../gen/google/bytestream/bytestream_pb.ts';
 import { Health, HealthCheckResponse_ServingStatus } from '../../gen/grpc/health/v1/health_pb.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
 
@@ -106,9 +104,10 @@ export class RemoteStore implements BlobStore {
   readonly #transport: ShardTransport;
   readonly #cas: Client<typeof ContentAddressableStorage>;
   readonly #ac: Client<typeof ActionCache>;
-  readonly #bytestream: Client<typeof ByteStream>;
   readonly #health: Client<typeof Health>;
   readonly #capabilities: Client<typeof Capabilities>;
+  /** What the ByteStream fast path (remote-bytestream.ts) needs from this store. */
+  readonly #byteStreamDeps: ByteStreamDeps;
   /** Set once the shard answered UNIMPLEMENTED to grpc.health.v1. */
   #noHealthService = false;
   #closed = false;
@@ -135,9 +134,24 @@ export class RemoteStore implements BlobStore {
     const t = this.#transport.transport;
     this.#cas = createClient(ContentAddressableStorage, t);
     this.#ac = createClient(ActionCache, t);
-    this.#bytestream = createClient(ByteStream, t);
     this.#health = createClient(Health, t);
     this.#capabilities = createClient(Capabilities, t);
+    this.#byteStreamDeps = {
+      transport: this.#transport,
+      resourcePrefix: this.#instancePrefix(),
+      timeoutMs: this.#timeoutMs,
+      stallMs: this.#stallMs,
+      writeChunkBytes: this.#writeChunkBytes,
+      begin: () => this.#begin(),
+      end: () => this.#end(),
+      received: (n) => {
+        this.#bytesIn += n;
+      },
+      sent: (n) => {
+        this.#bytesOut += n;
+      },
+      fail: (err, signal) => this.#fail(err, signal),
+    };
   }
 
   async findMissing(digests: readonly Digest[], opts?: CallOptions): Promise<Digest[]> {
@@ -181,7 +195,7 @@ export class RemoteStore implements BlobStore {
     // Checked here so a bad range fails without a round trip; the shard
     // would answer OUT_OF_RANGE as well.
     const { start, end } = resolveRange(digest.size, opts?.offset, opts?.limit);
-    const read = new ShardRead(this.#readDeps(), digest, start, end, opts?.signal);
+    const read = new ShardRead(this.#byteStreamDeps, digest, start, end, opts?.signal);
     await read.open();
     return read;
   }
@@ -215,7 +229,7 @@ export class RemoteStore implements BlobStore {
       }
       return;
     }
-    await this.#write(digest, chunks, opts?.signal);
+    await shardWrite(this.#byteStreamDeps, digest, chunks, opts?.signal);
   }
 
   /**
@@ -304,92 +318,6 @@ export class RemoteStore implements BlobStore {
     return results.flat();
   }
 
-  async #write(digest: Digest, chunks: AsyncIterable<Uint8Array>, callerSignal: AbortSignal | undefined): Promise<void> {
-    const ctl = new AbortController();
-    const signal = callerSignal ? AbortSignal.any([callerSignal, ctl.signal]) : ctl.signal;
-    const resourceName = `${this.#instancePrefix()}uploads/${randomUUID()}/blobs/${digest.hash}/${digest.size}`;
-    let timer: NodeJS.Timeout | undefined;
-    const arm = (ms: number, what: string) => {
-      clearTimeout(timer);
-      timer = setTimeout(() => ctl.abort(new ConnectError(`${what} in ${ms} ms`, Code.DeadlineExceeded)), ms);
-    };
-    const disarm = () => clearTimeout(timer);
-    // An error raised while producing requests (bad length, a failing
-    // source) wins over whatever the transport makes of the aborted stream.
-    // Errors the transport throws into the generator at a yield do not count.
-    let sourceError: unknown;
-    let atYield = false;
-    const self = this;
-    async function* requests(): AsyncGenerator<MessageInitShape<typeof WriteRequestSchema>> {
-      const pieces = rechunk(chunks, self.#writeChunkBytes)[Symbol.asyncIterator]();
-      let offset = 0;
-      try {
-        let r = await pieces.next();
-        while (!r.done) {
-          const end = offset + r.value.byteLength;
-          if (end > digest.size) throw tooLong(digest);
-          let data = r.value;
-          const last = end === digest.size;
-          if (last) {
-            // Send finish_write only once the source is known to be done. The
-            // source may reuse its buffer when asked for more: copy first.
-            data = data.slice();
-            const more = await pieces.next();
-            if (!more.done) throw tooLong(digest);
-          }
-          arm(self.#stallMs, 'shard accepted no upload data');
-          atYield = true;
-          yield {
-            resourceName: offset === 0 ? resourceName : '',
-            writeOffset: BigInt(offset),
-            finishWrite: last,
-            data,
-          };
-          atYield = false;
-          self.#bytesOut += data.byteLength;
-          offset = end;
-          if (last) {
-            arm(self.#timeoutMs, 'shard did not confirm the upload');
-            return;
-          }
-          disarm();
-          r = await pieces.next();
-        }
-        throw new ConnectError(
-          `blob ${digestString(digest)}: received ${offset} bytes, digest says ${digest.size}`,
-          Code.InvalidArgument,
-        );
-      } catch (err) {
-        if (!atYield) sourceError ??= err;
-        throw err;
-      } finally {
-        void pieces.return?.(undefined);
-      }
-    }
-
-    const gen = requests();
-    this.#begin();
-    try {
-      const res = await this.#bytestream.write(gen, { signal });
-      // committed_size is the blob size, also when the shard already had the
-      // blob and answered early; -1 is allowed for compressed uploads only.
-      if (res.committedSize !== BigInt(digest.size)) {
-        throw new ConnectError(
-          `upload of ${digestString(digest)} ended with committed_size ${res.committedSize}`,
-          Code.Internal,
-        );
-      }
-    } catch (err) {
-      throw this.#fail(sourceError ?? err, callerSignal);
-    } finally {
-      disarm();
-      this.#end();
-      // After an early answer the generator sits at a yield; release the
-      // caller's source. Not awaited: it may be blocked on the source itself.
-      void gen.return(undefined).catch(() => {});
-    }
-  }
-
   // --- AC ------------------------------------------------------------------
 
   async #probeActions(digests: readonly Digest[], signal: AbortSignal | undefined): Promise<string[]> {
@@ -475,157 +403,6 @@ export class RemoteStore implements BlobStore {
     }
     return ce;
   }
-
-  /** What a ShardRead needs from its store. */
-  #readDeps(): ReadDeps {
-    return {
-      bytestream: this.#bytestream,
-      resourcePrefix: this.#instancePrefix(),
-      timeoutMs: this.#timeoutMs,
-      stallMs: this.#stallMs,
-      begin: () => this.#begin(),
-      end: () => this.#end(),
-      received: (n) => {
-        this.#bytesIn += n;
-      },
-      fail: (err, signal) => this.#fail(err, signal),
-    };
-  }
-}
-
-interface ReadDeps {
-  readonly bytestream: Client<typeof ByteStream>;
-  readonly resourcePrefix: string;
-  readonly timeoutMs: number;
-  readonly stallMs: number;
-  begin(): void;
-  end(): void;
-  received(n: number): void;
-  fail(err: unknown, callerSignal: AbortSignal | undefined): ConnectError;
-}
-
-/**
- * One ByteStream Read. open() resolves once the first message (or the end of
- * an empty range) arrived, so NOT_FOUND and UNAVAILABLE reject before the
- * caller commits to this shard. Then it hands out messages one at a time as
- * the consumer asks: HTTP/2 flow control holds the shard back meanwhile, so
- * at most a window of data is buffered, never a whole blob.
- *
- * Written as an iterator object rather than a generator so that return()
- * before the first next() still cancels the call.
- */
-class ShardRead implements AsyncIterableIterator<Uint8Array> {
-  readonly #deps: ReadDeps;
-  readonly #digest: Digest;
-  readonly #start: number;
-  readonly #expected: number;
-  readonly #callerSignal: AbortSignal | undefined;
-  readonly #ctl = new AbortController();
-  #responses: AsyncIterator<ReadResponse> | undefined;
-  #first: IteratorResult<ReadResponse> | undefined;
-  #received = 0;
-  #done = false;
-
-  constructor(deps: ReadDeps, digest: Digest, start: number, end: number, callerSignal: AbortSignal | undefined) {
-    this.#deps = deps;
-    this.#digest = digest;
-    this.#start = start;
-    this.#expected = end - start;
-    this.#callerSignal = callerSignal;
-  }
-
-  async open(): Promise<void> {
-    const signal = this.#callerSignal ? AbortSignal.any([this.#callerSignal, this.#ctl.signal]) : this.#ctl.signal;
-    this.#deps.begin();
-    try {
-      const digest = this.#digest;
-      this.#responses = this.#deps.bytestream
-        .read(
-          {
-            resourceName: `${this.#deps.resourcePrefix}blobs/${digest.hash}/${digest.size}`,
-            readOffset: BigInt(this.#start),
-            readLimit: BigInt(this.#expected),
-          },
-          { signal },
-        )
-        [Symbol.asyncIterator]();
-      this.#first = await this.#pull(this.#deps.timeoutMs, 'shard sent no data');
-    } catch (err) {
-      this.#finish();
-      throw this.#deps.fail(err, this.#callerSignal);
-    }
-  }
-
-  async next(): Promise<IteratorResult<Uint8Array>> {
-    if (this.#done) return { done: true, value: undefined };
-    try {
-      for (;;) {
-        let r = this.#first;
-        this.#first = undefined;
-        r ??= await this.#pull(this.#deps.stallMs, 'shard sent no data');
-        if (r.done) {
-          if (this.#received !== this.#expected) {
-            throw new ConnectError(
-              `read of ${digestString(this.#digest)} at offset ${this.#start} ended after ${this.#received} of ${this.#expected} bytes`,
-              Code.Internal,
-            );
-          }
-          this.#finish();
-          return { done: true, value: undefined };
-        }
-        const data = r.value.data;
-        if (data.byteLength === 0) continue;
-        this.#received += data.byteLength;
-        this.#deps.received(data.byteLength);
-        if (this.#received > this.#expected) {
-          throw new ConnectError(
-            `read of ${digestString(this.#digest)} at offset ${this.#start} returned more than ${this.#expected} bytes`,
-            Code.Internal,
-          );
-        }
-        return { done: false, value: data };
-      }
-    } catch (err) {
-      this.#cancel('read failed');
-      this.#finish();
-      throw this.#deps.fail(err, this.#callerSignal);
-    }
-  }
-
-  async return(): Promise<IteratorResult<Uint8Array>> {
-    if (!this.#done) {
-      // The consumer stopped early: cancel the shard call.
-      this.#cancel('consumer stopped reading');
-      this.#finish();
-    }
-    return { done: true, value: undefined };
-  }
-
-  [Symbol.asyncIterator](): AsyncIterableIterator<Uint8Array> {
-    return this;
-  }
-
-  /** Waits for the next message, failing with DEADLINE_EXCEEDED after ms. */
-  async #pull(ms: number, what: string): Promise<IteratorResult<ReadResponse>> {
-    const timer = setTimeout(() => {
-      this.#ctl.abort(new ConnectError(`${what} for ${ms} ms`, Code.DeadlineExceeded));
-    }, ms);
-    try {
-      return await this.#responses!.next();
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  #cancel(why: string): void {
-    if (!this.#ctl.signal.aborted) this.#ctl.abort(new ConnectError(why, Code.Canceled));
-  }
-
-  #finish(): void {
-    if (this.#done) return;
-    this.#done = true;
-    this.#deps.end();
-  }
 }
 
 function servingStatusName(status: number): string {
@@ -642,37 +419,3 @@ function single(data: Uint8Array): AsyncIterable<Uint8Array> {
 function tooLong(digest: Digest): ConnectError {
   return new ConnectError(`blob ${digestString(digest)}: received more than ${digest.size} bytes`, Code.InvalidArgument);
 }
-
-/**
- * Re-cuts a stream into pieces of exactly `size` bytes (the last may be
- * shorter). Large chunks are sliced without copying; small ones are
- * coalesced into a fresh buffer per piece, so a yielded piece is never
- * written to again.
- */
-export async function* rechunk(chunks: AsyncIterable<Uint8Array>, size: number): AsyncGenerator<Uint8Array> {
-  let buf: Uint8Array | undefined;
-  let fill = 0;
-  for await (const c of chunks) {
-    let off = 0;
-    while (off < c.byteLength) {
-      if (fill === 0 && c.byteLength - off >= size) {
-        yield c.subarray(off, off + size);
-        off += size;
-        continue;
-      }
-      buf ??= new Uint8Array(size);
-      const n = Math.min(size - fill, c.byteLength - off);
-      buf.set(c.subarray(off, off + n), fill);
-      fill += n;
-      off += n;
-      if (fill === size) {
-        const full = buf;
-        buf = undefined;
-        fill = 0;
-        yield full;
-      }
-    }
-  }
-  if (buf !== undefined && fill > 0) yield buf.subarray(0, fill);
-}
-

@@ -17,6 +17,7 @@ import { ConfigError, formatAddress, loadConfig } from './config.ts';
 import type { NodeConfig } from './config.ts';
 import { buildAdminApp } from './admin/admin-app.ts';
 import { createMetricsRegistry, metricsInterceptor } from './admin/metrics.ts';
+import { V8_FLAGS } from './runtime-flags.ts';
 import { shardControl } from './admin/shard-control.ts';
 import { canServe } from './readiness.ts';
 import { logMixin } from './request-context.ts';
@@ -62,6 +63,11 @@ async function main(): Promise<number> {
     logger.fatal({ err }, 'uncaught exception');
     process.exit(1);
   });
+
+  const missingFlags = V8_FLAGS.filter((f) => !process.execArgv.includes(f));
+  if (missingFlags.length > 0) {
+    logger.warn({ missing: missingFlags }, 'started without the recommended V8 flags: streaming costs more CPU (see src/runtime-flags.ts)');
+  }
 
   const registry = createMetricsRegistry();
 

@@ -15,6 +15,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { V8_FLAGS } from '../../src/runtime-flags.ts';
 
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const mainPath = join(repoRoot, 'src', 'main.ts');
@@ -98,7 +99,7 @@ export async function spawnNode(options: SpawnNodeOptions = {}): Promise<Spawned
   installExitHook();
   // setpriv (util-linux) makes the kernel kill the node if this test process
   // dies without running exit hooks (e.g. tap's timeout kill).
-  const argv = [process.execPath, mainPath, configPath];
+  const argv = [process.execPath, ...V8_FLAGS, mainPath, configPath];
   const [cmd, ...args] = existsSync(setpriv) ? [setpriv, '--pdeathsig', 'SIGKILL', '--', ...argv] : argv;
   const child = spawn(cmd, args, {
     cwd: repoRoot,

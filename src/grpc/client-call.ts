@@ -40,8 +40,21 @@ export class GrpcClientCall {
    * pieces as they arrive (views, never assembled or copied) rather than
    * whole messages.
    */
-  constructor(stream: ClientHttp2Stream, maxMessageBytes: number, opts?: { readonly readResponseData?: boolean }) {
+  constructor(
+    stream: ClientHttp2Stream,
+    maxMessageBytes: number,
+    opts?: {
+      readonly readResponseData?: boolean;
+      /**
+       * Wake a waiting consumer only once this many bytes are queued (or the
+       * call ended or failed). Safe while it is well below the stream's
+       * flow-control window: the server keeps sending until then.
+       */
+      readonly wakeBytes?: number;
+    },
+  ) {
     this.#stream = stream;
+    this.#wakeBytes = opts?.wakeBytes ?? 0;
     const decoder = new FrameDecoder(maxMessageBytes);
     const enqueue = (data: Buffer) => {
       this.#queue.push(data);
@@ -85,7 +98,7 @@ export class GrpcClientCall {
         return;
       }
       if (this.#queuedBytes > QUEUE_HIGH_BYTES) stream.pause();
-      this.#notifySoon();
+      if (this.#queuedBytes >= this.#wakeBytes) this.#notifySoon();
     });
     stream.on('trailers', (trailers: IncomingHttpHeaders) => {
       // Only noted: the call ends at 'end', after every buffered byte.
@@ -252,6 +265,7 @@ export class GrpcClientCall {
   }
 
   #wakeScheduled = false;
+  readonly #wakeBytes: number;
 
   #notify(): void {
     const wake = this.#wake;

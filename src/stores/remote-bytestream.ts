@@ -76,7 +76,9 @@ export class ShardRead implements AsyncIterableIterator<Uint8Array> {
       const signal = this.#callerSignal;
       if (signal?.aborted) throw signal.reason;
       const stream = await this.#deps.transport.openGrpcStream(READ_METHOD);
-      const call = new GrpcClientCall(stream, READ_MAX_BYTES, { readResponseData: true });
+      // Data is handed up in runs of 128-256 KiB rather than per 16 KiB
+      // DATA frame: every chunk costs a pass through the store tree's layers.
+      const call = new GrpcClientCall(stream, READ_MAX_BYTES, { readResponseData: true, wakeBytes: JOIN_BYTES / 2 });
       this.#call = call;
       if (signal !== undefined) {
         this.#onAbort = () => call.cancel(new ConnectError('operation was cancelled', Code.Canceled, undefined, undefined, signal.reason));

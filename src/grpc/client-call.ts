@@ -253,10 +253,18 @@ export class GrpcClientCall {
    * Wakes a waiting consumer after the current I/O callback: one socket read
    * carries several DATA frames, each a 'data' event; waking on the first
    * would hand them up one by one, waking after the last lets nextJoined()
-   * take them together.
+   * take them together. Below wakeBytes, a 1 ms timer wakes it anyway, so a
+   * stream starved by the connection's window still makes progress.
    */
   #notifySoon(): void {
     if (this.#wake === undefined || this.#wakeScheduled) return;
+    if (this.#queuedBytes < this.#wakeBytes) {
+      this.#wakeTimer ??= setTimeout(() => {
+        this.#wakeTimer = undefined;
+        this.#notify();
+      }, 1);
+      return;
+    }
     this.#wakeScheduled = true;
     setImmediate(() => {
       this.#wakeScheduled = false;
@@ -264,10 +272,13 @@ export class GrpcClientCall {
     });
   }
 
+  #wakeTimer: NodeJS.Timeout | undefined;
   #wakeScheduled = false;
   readonly #wakeBytes: number;
 
   #notify(): void {
+    clearTimeout(this.#wakeTimer);
+    this.#wakeTimer = undefined;
     const wake = this.#wake;
     this.#wake = undefined;
     wake?.();

@@ -2,31 +2,41 @@
 // to shards. Every remote store gets its transport here, so changing the client
 // stack is a one-file change.
 //
-// Choice: connect-node's gRPC transport (node:http2), for every call, data
-// path included. undici is NOT used for gRPC to shards. Why:
+// Choice: node:http2, one session per shard (connect-node's
+// Http2SessionManager: multiplexed calls, PING keepalive, re-opened after the
+// shard restarts, torn down by close()). Two kinds of call share it:
+// - every unary call (FindMissingBlobs, GetActionResult, health...) through
+//   connect-node's gRPC transport;
+// - ByteStream Read and Write as raw HTTP/2 streams (openGrpcStream), framed
+//   by hand in src/stores/remote-bytestream.ts: no protobuf-es object and no
+//   copy per relayed message.
+// Both end a call when the response stream ENDS, never when the trailers
+// arrive: node:http2 fires 'trailers' as soon as the frame comes in, with
+// unread data possibly still buffered behind it for a slow consumer.
+// test/stores/transport-backpressure.test.ts proves it against a C-core gRPC
+// server and our own node: a 32 MiB Read consumed slowly, trailers observed
+// while unread data was buffered, every byte and the sha256 checked. Re-run
+// it before changing anything here.
 //
-// - undici 7.x and 8.x complete a request when HTTP/2 trailers arrive while the
-//   response stream is paused by backpressure, and drop the body still buffered
-//   (../shared/ENVIRONMENT.md from the repo root, "undici as a gRPC client"). Over gRPC
-//   that is a truncated ByteStream Read that ends with status OK: silent data
-//   loss, exactly on our data path (a slow Bazel client downloading a large
-//   blob through the edge). Connect ships no undici gRPC transport either; a
-//   hand-written one would inherit the defect.
-// - node:http2 keeps trailers queued behind unread data: the 'trailers' event
-//   fires when the frame arrives, but the readable side only ends after every
-//   buffered byte was consumed, and Connect reads grpc-status only at the end.
-//   test/stores/transport-backpressure.test.ts proves this against a real
-//   C-core gRPC server: a 32 MiB Read consumed slowly, with trailers observed
-//   arriving while unread data was buffered, every byte and the sha256 checked.
-//   Re-run that test before changing the choice (for undici, write the same
-//   test for it first).
-// - One transport holds one HTTP/2 session per shard (Http2SessionManager):
-//   calls are multiplexed on it, it is re-opened transparently after the shard
-//   restarts or the connection dies, and close() tears it down.
-//
-// undici remains a fine choice where bodies are read whole without pausing
-// (plain HTTP/1.1 JSON fetches, e.g. an admin page talking to another edge);
-// nothing in the gRPC data path uses it.
+// Measured alternatives (issue 8; bench/transport.ts prints the table,
+// test/stores/transport-undici.test.ts holds the slow-consumer checks;
+// undici 8.12.4 on Node 24):
+// - undici over h2c, gRPC: still completes a response when the trailers
+//   arrive while the stream is paused and drops the buffered DATA. A 32 MiB
+//   read came up 131,072 bytes short from the python grpcio shard and
+//   262,144 short from our node, with grpc-status 0 in the trailers: silent
+//   truncation on exactly our data path. Ruled out; the test asserts the
+//   defect so that a fixed undici makes it fail and prompts a re-measure.
+// - undici Pool, the Connect protocol over HTTP/1.1 (our nodes serve it):
+//   keeps every byte (a stream's end is a message in the body), but read a
+//   128 MiB blob from a storage node at 0.34-0.81x of node:http2 gRPC and
+//   wrote at 0.55-1.01x over three runs (node's own HTTP/1.1 client was as
+//   slow: the cost is HTTP/1.1 and the Connect path, not undici); unary
+//   calls were level within the noise. Not worth a second stack and a pool
+//   per shard, and gRPC-only shards (bb-storage, bazel-remote) need node:http2
+//   anyway.
+// undici stays a dependency for HTTP/1.1 JSON fetches only, where bodies are
+// read whole.
 import type * as http2 from 'node:http2';
 import type { Transport } from '@connectrpc/connect';
 import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';

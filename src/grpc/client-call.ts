@@ -43,18 +43,9 @@ export class GrpcClientCall {
   constructor(
     stream: ClientHttp2Stream,
     maxMessageBytes: number,
-    opts?: {
-      readonly readResponseData?: boolean;
-      /**
-       * Wake a waiting consumer only once this many bytes are queued (or the
-       * call ended or failed). Safe while it is well below the stream's
-       * flow-control window: the server keeps sending until then.
-       */
-      readonly wakeBytes?: number;
-    },
+    opts?: { readonly readResponseData?: boolean },
   ) {
     this.#stream = stream;
-    this.#wakeBytes = opts?.wakeBytes ?? 0;
     const decoder = new FrameDecoder(maxMessageBytes);
     const enqueue = (data: Buffer) => {
       this.#queue.push(data);
@@ -98,7 +89,7 @@ export class GrpcClientCall {
         return;
       }
       if (this.#queuedBytes > QUEUE_HIGH_BYTES) stream.pause();
-      if (this.#queuedBytes >= this.#wakeBytes) this.#notifySoon();
+      this.#notify();
     });
     stream.on('trailers', (trailers: IncomingHttpHeaders) => {
       // Only noted: the call ends at 'end', after every buffered byte.
@@ -212,28 +203,6 @@ export class GrpcClientCall {
     }
   }
 
-  /**
-   * Like next(), but when several messages (pieces, with readResponseData)
-   * are already queued, joins them, up to `maxBytes`, into one buffer. A
-   * relayed read arrives in 16 KiB pieces (node's DATA frames); each piece
-   * costs more to pass up the store tree than to copy, so under load,
-   * when pieces pile up, they travel joined.
-   */
-  async nextJoined(maxBytes: number): Promise<Buffer | undefined> {
-    const first = await this.next();
-    if (first === undefined || this.#queue.length === 0 || first.length + this.#queue[0]!.length > maxBytes) return first;
-    const parts = [first];
-    let total = first.length;
-    while (this.#queue.length > 0 && total + this.#queue[0]!.length <= maxBytes) {
-      const piece = this.#queue.shift()!;
-      this.#queuedBytes -= piece.length;
-      parts.push(piece);
-      total += piece.length;
-    }
-    if (this.#queuedBytes <= QUEUE_HIGH_BYTES / 2 && this.#stream.isPaused()) this.#stream.resume();
-    return Buffer.concat(parts, total);
-  }
-
   /** Cancels the call (RST_STREAM CANCEL); pending and later next() calls fail with `reason`. */
   cancel(reason: ConnectError): void {
     this.#fail(reason);
@@ -249,36 +218,7 @@ export class GrpcClientCall {
     if (!this.#stream.closed && !this.#stream.destroyed) this.#stream.close(http2.constants.NGHTTP2_CANCEL);
   }
 
-  /**
-   * Wakes a waiting consumer after the current I/O callback: one socket read
-   * carries several DATA frames, each a 'data' event; waking on the first
-   * would hand them up one by one, waking after the last lets nextJoined()
-   * take them together. Below wakeBytes, a 1 ms timer wakes it anyway, so a
-   * stream starved by the connection's window still makes progress.
-   */
-  #notifySoon(): void {
-    if (this.#wake === undefined || this.#wakeScheduled) return;
-    if (this.#queuedBytes < this.#wakeBytes) {
-      this.#wakeTimer ??= setTimeout(() => {
-        this.#wakeTimer = undefined;
-        this.#notify();
-      }, 1);
-      return;
-    }
-    this.#wakeScheduled = true;
-    setImmediate(() => {
-      this.#wakeScheduled = false;
-      this.#notify();
-    });
-  }
-
-  #wakeTimer: NodeJS.Timeout | undefined;
-  #wakeScheduled = false;
-  readonly #wakeBytes: number;
-
   #notify(): void {
-    clearTimeout(this.#wakeTimer);
-    this.#wakeTimer = undefined;
     const wake = this.#wake;
     this.#wake = undefined;
     wake?.();

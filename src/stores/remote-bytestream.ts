@@ -14,9 +14,6 @@ import type { ShardTransport } from '../transport.ts';
 const READ_METHOD = '/google.bytestream.ByteStream/Read';
 const WRITE_METHOD = '/google.bytestream.ByteStream/Write';
 
-/** Most bytes of already-received read data handed up as one chunk (see GrpcClientCall.nextJoined). */
-const JOIN_BYTES = 256 * 1024;
-
 /** Largest single response message accepted from a shard. */
 const READ_MAX_BYTES = 64 * 1024 * 1024;
 
@@ -76,9 +73,10 @@ export class ShardRead implements AsyncIterableIterator<Uint8Array> {
       const signal = this.#callerSignal;
       if (signal?.aborted) throw signal.reason;
       const stream = await this.#deps.transport.openGrpcStream(READ_METHOD);
-      // Data is handed up in runs of 128-256 KiB rather than per 16 KiB
-      // DATA frame: every chunk costs a pass through the store tree's layers.
-      const call = new GrpcClientCall(stream, READ_MAX_BYTES, { readResponseData: true, wakeBytes: JOIN_BYTES / 2 });
+      // Data is handed up as views of the DATA frames (16 KiB from a node
+      // shard). Joining them into larger chunks was measured and lost: the
+      // copies into fresh buffers cost more than the extra passes up the tree.
+      const call = new GrpcClientCall(stream, READ_MAX_BYTES, { readResponseData: true });
       this.#call = call;
       if (signal !== undefined) {
         this.#onAbort = () => call.cancel(new ConnectError('operation was cancelled', Code.Canceled, undefined, undefined, signal.reason));
@@ -150,8 +148,7 @@ export class ShardRead implements AsyncIterableIterator<Uint8Array> {
   }
 
   /**
-   * The next data (pieces that are already waiting come joined, up to
-   * JOIN_BYTES), failing with DEADLINE_EXCEEDED after `ms` without any.
+   * The next data, failing with DEADLINE_EXCEEDED after `ms` without any.
    * One timer per read, re-armed per pull: cheaper than a new one each time.
    */
   async #pull(ms: number, what: string): Promise<Buffer | undefined> {
@@ -167,7 +164,7 @@ export class ShardRead implements AsyncIterableIterator<Uint8Array> {
     }
     this.#pulling = true;
     try {
-      return await call.nextJoined(JOIN_BYTES);
+      return await call.next();
     } finally {
       this.#pulling = false;
     }

@@ -20,8 +20,6 @@ const WRITE_PATH = `/${ByteStream.typeName}/${ByteStream.method.write.name}`;
  * paused; HTTP/2 flow control then holds the client back.
  */
 const QUEUE_HIGH_BYTES = 4 * 1024 * 1024;
-/** Queued request bytes that wake a waiting consumer at once (see RequestMessages). */
-const WAKE_BYTES = 128 * 1024;
 
 export interface FastPathOptions {
   /** The ByteStream logic shared with the Connect service. */
@@ -148,7 +146,6 @@ class FastCall {
           decompress,
           (isRead ? decodeReadRequest : decodeWriteRequest) as (buf: Buffer) => object,
           this.#ctl.signal,
-          isRead ? undefined : (mergeWrites as (queue: object[]) => object),
         ) as AsyncIterable<never>,
       };
       let next = (isRead ? this.#read : this.#write) as (req: StreamRequest) => Promise<StreamResponse>;
@@ -318,29 +315,19 @@ function drained(stream: ServerHttp2Stream, signal: AbortSignal): Promise<void> 
 class RequestMessages<T extends object> implements AsyncIterable<T> {
   readonly #stream: ServerHttp2Stream;
   readonly #queue: T[] = [];
-  readonly #merge: ((queue: T[]) => T) | undefined;
   #queuedBytes = 0;
   #ended = false;
   #error: unknown;
   #wake: (() => void) | undefined;
-  #wakeTimer: NodeJS.Timeout | undefined;
 
-  /**
-   * `merge`, when given, takes the first queued message and may fold the
-   * ones after it into it (Write: a run of contiguous 16 KiB WriteRequests
-   * becomes one), so each message costs one pass through the interceptors
-   * and the store tree instead of many.
-   */
   constructor(
     stream: ServerHttp2Stream,
     maxMessageBytes: number,
     decompress: ((frame: Frame) => Buffer) | undefined,
     decode: (buf: Buffer) => T,
     signal: AbortSignal,
-    merge?: (queue: T[]) => T,
   ) {
     this.#stream = stream;
-    this.#merge = merge;
     const decoder = new FrameDecoder(maxMessageBytes);
     const onFrame = (frame: Frame) => {
       let data = frame.data;
@@ -362,7 +349,7 @@ class RequestMessages<T extends object> implements AsyncIterable<T> {
         this.#error = err;
       }
       if (this.#queuedBytes > QUEUE_HIGH_BYTES) stream.pause();
-      this.#notifyBatched();
+      this.#notify();
     });
     stream.once('end', () => {
       if (!decoder.idle && this.#error === undefined) {
@@ -385,27 +372,14 @@ class RequestMessages<T extends object> implements AsyncIterable<T> {
   }
 
   #notify(): void {
-    clearTimeout(this.#wakeTimer);
-    this.#wakeTimer = undefined;
     const wake = this.#wake;
     this.#wake = undefined;
     wake?.();
   }
 
-  /**
-   * Wakes a waiting consumer once WAKE_BYTES are queued, or 1 ms after the
-   * first message it could take: small messages are handed over in runs,
-   * and nothing waits on more data than the flow-control window allows.
-   */
-  #notifyBatched(): void {
-    if (this.#wake === undefined) return;
-    if (this.#queuedBytes >= WAKE_BYTES) this.#notify();
-    else if (this.#wakeTimer === undefined && this.#queue.length > 0) this.#wakeTimer = setTimeout(() => this.#notify(), 1);
-  }
-
   async *[Symbol.asyncIterator](): AsyncGenerator<T> {
     for (;;) {
-      const msg = this.#merge !== undefined && this.#queue.length > 1 ? this.#merge(this.#queue) : this.#queue.shift();
+      const msg = this.#queue.shift();
       if (msg !== undefined) {
         this.#queuedBytes -= dataBytes(msg);
         if (this.#queuedBytes <= QUEUE_HIGH_BYTES / 2 && this.#stream.isPaused()) this.#stream.resume();
@@ -420,40 +394,6 @@ class RequestMessages<T extends object> implements AsyncIterable<T> {
       });
     }
   }
-}
-
-/** Most data one merged WriteRequest carries. */
-const MERGE_BYTES = 256 * 1024;
-
-/**
- * Takes the first queued WriteRequest and folds into it those that continue
- * it (contiguous write_offset, no other resource_name, up to MERGE_BYTES,
- * through finish_write at most). Anything that would break a rule stays
- * queued as it came, so IncomingUpload judges it and names it exactly.
- * The data is copied once into the merged message.
- */
-function mergeWrites(queue: WriteRequestFields[]): WriteRequestFields {
-  const first = queue.shift()!;
-  if (first.finishWrite) return first;
-  const parts: Uint8Array[] = [first.data];
-  let bytes = first.data.byteLength;
-  let next = first.writeOffset + BigInt(bytes);
-  let finishWrite = false;
-  while (queue.length > 0) {
-    const m = queue[0]!;
-    if (m.writeOffset !== next || (m.resourceName !== '' && m.resourceName !== first.resourceName)) break;
-    if (bytes + m.data.byteLength > MERGE_BYTES) break;
-    queue.shift();
-    parts.push(m.data);
-    bytes += m.data.byteLength;
-    next += BigInt(m.data.byteLength);
-    if (m.finishWrite) {
-      finishWrite = true;
-      break;
-    }
-  }
-  if (parts.length === 1) return first;
-  return { resourceName: first.resourceName, writeOffset: first.writeOffset, finishWrite, data: Buffer.concat(parts, bytes) };
 }
 
 function decompressorFor(encoding: string | string[] | undefined, maxBytes: number): ((frame: Frame) => Buffer) | undefined {

@@ -11,7 +11,7 @@ import type { Digest } from '../../src/digest.ts';
 import { EMPTY_DIGEST, digestOf } from '../../src/digest.ts';
 import { isInfrastructureError } from '../../src/errors.ts';
 import { collect } from '../../src/streams.ts';
-import { rechunk } from '../../src/stores/remote-bytestream.ts';
+import { messageChunks } from '../../src/stores/remote-bytestream.ts';
 import { FIND_MISSING_BATCH, RemoteStore } from '../../src/stores/remote-store.ts';
 import { ActionResultSchema } from '../../gen/build/bazel/remote/execution/v2/remote_execution_pb.ts';
 import { startNode } from '../helpers/node.ts';
@@ -413,18 +413,35 @@ t.test("against this project's storage node", async (t) => {
   await ncas.healthCheck();
 });
 
-t.test('rechunk cuts exact pieces and copies only when coalescing', async (t) => {
-  const data = randomBytes(1000);
-  const pieces = await arrayFrom(rechunk(chunksOf(data, 7), 64));
-  t.same(
-    pieces.map((p) => p.byteLength),
-    [...Array(15).fill(64), 1000 - 15 * 64],
-  );
-  t.equal(sha256(Buffer.concat(pieces)), sha256(data));
-  const big = await arrayFrom(rechunk(chunksOf(data, 1000), 300));
-  t.equal(big[0]!.buffer, data.buffer, 'large chunks are sliced, not copied');
+t.test('messageChunks passes large chunks on as views and gathers only small ones', async (t) => {
+  const data = randomBytes(300 * 1024);
+  const big = await arrayFrom(messageChunks(chunksOf(data, 100 * 1024), 64 * 1024));
   t.same(
     big.map((p) => p.byteLength),
-    [300, 300, 300, 100],
+    [64, 36, 64, 36, 64, 36].map((k) => k * 1024),
   );
+  t.ok(big.every((p) => p.buffer === data.buffer), 'chunks of 16 KiB or more are sliced, never copied');
+  t.equal(sha256(Buffer.concat(big)), sha256(data));
+
+  const small = await arrayFrom(messageChunks(chunksOf(data, 7), 64 * 1024));
+  t.ok(small.length <= Math.ceil(data.byteLength / (64 * 1024)) + 1, `${small.length} messages for 7-byte chunks`);
+  t.ok(small.every((p) => p.byteLength <= 64 * 1024));
+  t.equal(sha256(Buffer.concat(small)), sha256(data), 'gathered small chunks keep every byte in order');
+
+  // A large chunk after small ones sends what was gathered first.
+  const mixed = await arrayFrom(
+    messageChunks(
+      (async function* () {
+        yield data.subarray(0, 10);
+        yield data.subarray(10, 20);
+        yield data.subarray(20, 20 + 32 * 1024);
+      })(),
+      64 * 1024,
+    ),
+  );
+  t.same(
+    mixed.map((p) => p.byteLength),
+    [20, 32 * 1024],
+  );
+  t.equal(sha256(Buffer.concat(mixed)), sha256(data.subarray(0, 20 + 32 * 1024)));
 });

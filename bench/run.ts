@@ -1,14 +1,18 @@
-// `npm run bench`: throughput and latency of a storage node measured with a
-// real gRPC client from a separate process, printed as a markdown table next
-// to node:crypto's sha256 speed (the per-core ceiling for verified writes),
-// followed by the edge's figures (bench/edge.ts): edge over three shards vs
-// one storage node direct, and failover times.
+// `npm run bench`: first the wire benchmark of issue 8 (bench/wire.ts: the
+// C-core gRPC client against the edge, a storage node and two anchors, every
+// target ratio marked met / NOT met; BENCH_MEMORY=1 and BENCH_BAZEL=1 add its
+// slow parts), then throughput and latency of a storage node measured with a
+// real gRPC client (connect-node) from a separate process, printed as a
+// markdown table next to node:crypto's sha256 speed (the per-core ceiling for
+// verified writes), followed by the edge's figures (bench/edge.ts): edge over
+// three shards vs one storage node direct, and failover times.
 // Each figure is the median of several runs; on a shared 2-core machine
 // expect +-40% noise between runs, so compare ratios taken in one run.
 import { createHash } from 'node:crypto';
 import { spawnNode } from '../test/helpers/spawn-node.ts';
 import { edgeBench } from './edge.ts';
 import { fallbackBench } from './fallback.ts';
+import { wireBench, wireOptionsFromEnv } from './wire.ts';
 import {
   clients,
   findMissingMs,
@@ -31,6 +35,11 @@ const rows: [string, string, string][] = [];
 function row(what: string, value: string, unit: string) {
   rows.push([what, value, unit]);
   console.error(`  ${what}: ${value} ${unit}`);
+}
+
+// The wire benchmark (bench/wire.ts) first; its target and verdict go in the unit column.
+for (const r of await wireBench(wireOptionsFromEnv())) {
+  rows.push([`wire: ${r.what}`, r.value, r.target ? `${r.unit} (target ${r.target}: ${r.met})` : r.unit]);
 }
 
 const blob = makeBlob(BLOB_MiB * MiB);

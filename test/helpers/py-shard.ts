@@ -23,6 +23,8 @@ export interface PyShardOptions {
   readonly readChunkBytes?: number;
   /** Leave grpc.health.v1 unimplemented, like some REAPI servers. */
   readonly noHealth?: boolean;
+  /** GetActionResult answers NOT_FOUND unless every output is in the CAS (--check-completeness). */
+  readonly checkCompleteness?: boolean;
   /** How long to wait for "LISTENING". Default 20 s. */
   readonly startTimeoutMs?: number;
 }
@@ -61,6 +63,7 @@ export async function startPyShard(options: PyShardOptions = {}): Promise<PyShar
   const argv = [python, shardPath, '--port', String(options.port ?? 0)];
   if (options.readChunkBytes !== undefined) argv.push('--read-chunk-bytes', String(options.readChunkBytes));
   if (options.noHealth) argv.push('--no-health');
+  if (options.checkCompleteness) argv.push('--check-completeness');
   const [cmd, ...args] = existsSync(setpriv) ? [setpriv, '--pdeathsig', 'SIGKILL', '--', ...argv] : argv;
   const child = spawn(cmd!, args, { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
   live.add(child);

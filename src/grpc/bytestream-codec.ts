@@ -35,6 +35,8 @@ export interface WriteRequestFields {
 const WIRE_VARINT = 0;
 const WIRE_I64 = 1;
 const WIRE_LEN = 2;
+const WIRE_SGROUP = 3;
+const WIRE_EGROUP = 4;
 const WIRE_I32 = 5;
 
 const EMPTY = new Uint8Array(0);
@@ -98,7 +100,8 @@ class Reader {
     return out;
   }
 
-  skip(wireType: number): void {
+  /** Skips an unknown field; groups (deprecated, still valid on the wire) up to their matching end-group tag. */
+  skip(wireType: number, field: number, depth = 0): void {
     switch (wireType) {
       case WIRE_VARINT:
         this.varint64();
@@ -112,6 +115,20 @@ class Reader {
       case WIRE_I32:
         this.#advance(4);
         return;
+      case WIRE_SGROUP:
+        if (depth >= 100) throw this.fail('groups nested too deeply');
+        for (;;) {
+          if (this.done) throw this.fail(`group ${field} has no end-group tag`);
+          const tag = this.uint32();
+          const inner = tag >>> 3;
+          const wt = tag & 7;
+          if (inner === 0) throw this.fail('field number 0');
+          if (wt === WIRE_EGROUP) {
+            if (inner !== field) throw this.fail(`group ${field} ended by the end-group tag of field ${inner}`);
+            return;
+          }
+          this.skip(wt, inner, depth + 1);
+        }
       default:
         throw this.fail(`unsupported wire type ${wireType}`);
     }
@@ -153,7 +170,7 @@ export function decodeReadRequest(buf: Buffer): ReadRequestFields {
     } else if (field === 0) {
       throw r.fail('field number 0');
     } else {
-      r.skip(wt);
+      r.skip(wt, field);
     }
   }
   return { resourceName, readOffset, readLimit };
@@ -184,7 +201,7 @@ export function decodeWriteRequest(buf: Buffer): WriteRequestFields {
     } else if (field === 0) {
       throw r.fail('field number 0');
     } else {
-      r.skip(wt);
+      r.skip(wt, field);
     }
   }
   return { resourceName, writeOffset, finishWrite, data };
@@ -204,7 +221,7 @@ export function decodeReadResponse(buf: Buffer): Uint8Array {
     } else if (field === 0) {
       throw r.fail('field number 0');
     } else {
-      r.skip(wt);
+      r.skip(wt, field);
     }
   }
   return data;
@@ -239,14 +256,17 @@ export class ReadResponseData {
     this.#held.push(piece);
     this.#heldBytes += piece.length;
     if (this.#mode === 'header') {
-      const head = this.#held.length === 1 ? piece : Buffer.concat(this.#held, this.#heldBytes);
+      // A header is at most 6 bytes (tag and a 5-byte length): join no more than that.
+      const head = this.#held.length === 1 ? piece : Buffer.concat(this.#held, Math.min(this.#heldBytes, 6));
       const parsed = dataFieldHeader(head);
       if (parsed === 'more' && !last && this.#heldBytes < 11) return;
       if (parsed !== 'more' && parsed !== 'other' && parsed.headerBytes + parsed.dataBytes === length) {
+        // The header ends in this piece (it was incomplete before): the
+        // data after it is a view of the piece, not of a joined copy.
+        const rest = piece.subarray(parsed.headerBytes - (this.#heldBytes - piece.length));
         this.#mode = 'data';
         this.#held = [];
         this.#heldBytes = 0;
-        const rest = head.subarray(parsed.headerBytes);
         if (rest.length > 0) emit(rest);
         return;
       }
@@ -288,7 +308,7 @@ export function decodeWriteResponse(buf: Buffer): bigint {
     } else if (field === 0) {
       throw r.fail('field number 0');
     } else {
-      r.skip(wt);
+      r.skip(wt, field);
     }
   }
   return committedSize;

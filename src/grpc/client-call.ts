@@ -111,13 +111,17 @@ export class GrpcClientCall {
         this.#notify();
       }
     });
+    // A reset with an error code arrives as 'error' (before 'close'): the
+    // server shedding load (ENHANCE_YOUR_CALM) is RESOURCE_EXHAUSTED there too.
     stream.on('error', (err) => {
-      this.#fail(new ConnectError(`HTTP/2 stream failed: ${err.message}`, Code.Unavailable, undefined, undefined, err));
+      const code = stream.rstCode === http2.constants.NGHTTP2_ENHANCE_YOUR_CALM ? Code.ResourceExhausted : Code.Unavailable;
+      this.#fail(new ConnectError(`HTTP/2 stream failed: ${err.message}`, code, undefined, undefined, err));
     });
+    // node clears stream.session once the stream is destroyed, before 'close'.
+    const session = stream.session;
     stream.on('close', () => {
       if (this.#ended || this.#failure !== undefined) return;
       const rst = stream.rstCode;
-      const session = stream.session;
       const connectionLost = session === undefined || session.destroyed || session.closed;
       if (endProblem !== undefined && !connectionLost && (rst === undefined || rst === http2.constants.NGHTTP2_NO_ERROR)) {
         this.#fail(endProblem);

@@ -12,7 +12,26 @@ export interface Digest {
 }
 
 export const SHA256_HEX_LENGTH = 64;
-const HEX64 = /^[0-9a-f]{64}$/;
+
+// 1 for the UTF-16 code units of lowercase hex digits. A table lookup per
+// character is ~3x faster than /^[0-9a-f]{64}$/.test() per hash, which
+// matters at 10,000 digests per FindMissingBlobs.
+const LOWER_HEX = new Uint8Array(65536);
+for (const c of '0123456789abcdef') LOWER_HEX[c.charCodeAt(0)] = 1;
+
+/** True if `hash` is 64 lowercase hex characters: a well-formed SHA-256 hash. */
+export function isSha256Hex(hash: string): boolean {
+  if (hash.length !== SHA256_HEX_LENGTH) return false;
+  const t = LOWER_HEX;
+  for (let i = 0; i < SHA256_HEX_LENGTH; i += 4) {
+    if ((t[hash.charCodeAt(i)]! & t[hash.charCodeAt(i + 1)]! & t[hash.charCodeAt(i + 2)]! & t[hash.charCodeAt(i + 3)]!) === 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+const MAX_SAFE_SIZE = BigInt(Number.MAX_SAFE_INTEGER);
 
 export const EMPTY_SHA256 = 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855';
 export const EMPTY_DIGEST: Digest = Object.freeze({ hash: EMPTY_SHA256, size: 0 });
@@ -44,7 +63,7 @@ export function parseDigest(hash: string, size: bigint | number | string, what =
       Code.InvalidArgument,
     );
   }
-  if (!HEX64.test(hash)) {
+  if (!isSha256Hex(hash)) {
     throw new ConnectError(`${what}: hash "${truncate(hash)}" is not lowercase hexadecimal`, Code.InvalidArgument);
   }
   let n: bigint;
@@ -56,7 +75,7 @@ export function parseDigest(hash: string, size: bigint | number | string, what =
   if (n < 0n) {
     throw new ConnectError(`${what}: size ${n} is negative`, Code.InvalidArgument);
   }
-  if (n > BigInt(Number.MAX_SAFE_INTEGER)) {
+  if (n > MAX_SAFE_SIZE) {
     throw new ConnectError(`${what}: size ${n} is too large`, Code.InvalidArgument);
   }
   const d = { hash, size: Number(n) };
@@ -64,6 +83,22 @@ export function parseDigest(hash: string, size: bigint | number | string, what =
     throw new ConnectError(`${what}: size 0 but hash is not the SHA-256 of the empty blob`, Code.InvalidArgument);
   }
   return d;
+}
+
+/**
+ * The hot-path form of fromProtoDigest for requests carrying many digests:
+ * returns the digest if it is valid, else undefined and allocates nothing;
+ * the caller then calls fromProtoDigest with the field's name for the precise
+ * error. Accepts exactly what parseDigest accepts.
+ */
+export function validProtoDigest(d: { hash: string; sizeBytes: bigint } | undefined): Digest | undefined {
+  if (d === undefined) return undefined;
+  const { hash, sizeBytes } = d;
+  if (typeof hash !== 'string' || typeof sizeBytes !== 'bigint' || !isSha256Hex(hash)) return undefined;
+  if (sizeBytes < 0n || sizeBytes > MAX_SAFE_SIZE) return undefined;
+  const size = Number(sizeBytes);
+  if (size === 0 && hash !== EMPTY_SHA256) return undefined;
+  return { hash, size };
 }
 
 /** Validates a protobuf Digest message; a missing digest is an error. */

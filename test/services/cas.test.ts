@@ -87,6 +87,53 @@ t.test('FindMissingBlobs passes the call signal and deduplicated digests to the 
   t.equal(calls.length, 1);
 });
 
+t.test('FindMissingBlobs: one hash under two sizes is two digests; duplicates of each are answered once', async (t) => {
+  const { client, cas } = setup();
+  const present = await putBlob(cas, enc.encode('present'));
+  const otherSize = { hash: present.hash, size: present.size + 1 };
+  const res = await client.findMissingBlobs({
+    blobDigests: [otherSize, present, otherSize, present].map(toProtoDigest),
+  });
+  t.same(res.missingBlobDigests.map((d) => `${d.hash}-${d.sizeBytes}`), [digestString(otherSize)]);
+});
+
+t.test('FindMissingBlobs answers in request order whatever objects and order the store answers with', async (t) => {
+  const inner = new MemoryStore({ maxSizeBytes: 1 << 20, contentAddressed: true });
+  const digests = ['m1', 'p1', 'm2', 'm3', 'p2'].map((s) => digestOf(enc.encode(s)));
+  for (const [i, d] of digests.entries()) if (i === 1 || i === 4) await inner.put(d, once(enc.encode(i === 1 ? 'p1' : 'p2')));
+  const want = [digests[0]!, digests[2]!, digests[3]!].map(digestString);
+  const variants: Array<[string, (missing: Digest[]) => Digest[]]> = [
+    ['same objects, same order', (m) => m],
+    ['same objects, reversed', (m) => [...m].reverse()],
+    ['new objects, reversed', (m) => m.map((d) => ({ hash: d.hash, size: d.size })).reverse()],
+  ];
+  for (const [name, answer] of variants) {
+    const store: BlobStore = {
+      findMissing: async (ds, o) => answer(await inner.findMissing(ds, o)),
+      get: (d, o) => inner.get(d, o),
+      put: (d, c, o) => inner.put(d, c, o),
+      describe: () => inner.describe(),
+      close: () => inner.close(),
+    };
+    const { client } = setup({ cas: store });
+    const res = await client.findMissingBlobs({ blobDigests: digests.map(toProtoDigest) });
+    t.same(res.missingBlobDigests.map((d) => `${d.hash}-${d.sizeBytes}`), want, name);
+  }
+});
+
+t.test('FindMissingBlobs rejects hashes with any character outside 0-9a-f', async (t) => {
+  const { client } = setup();
+  // Neighbours of the accepted ranges, uppercase, and non-ASCII.
+  for (const c of ['/', ':', '`', 'g', 'A', 'F', '\u00e9', '\u0130', '\u{1F600}'.slice(0, 1)]) {
+    const hash = `${'0'.repeat(40)}${c}${'0'.repeat(23)}`;
+    const err = await failure(client.findMissingBlobs({ blobDigests: [{ hash, sizeBytes: 1n }] }));
+    t.equal(err.code, Code.InvalidArgument, JSON.stringify(c));
+    t.match(err.rawMessage, /^blob_digests\[0\]: hash ".*" is not lowercase hexadecimal$/, JSON.stringify(c));
+  }
+  const ok = await client.findMissingBlobs({ blobDigests: [{ hash: '0123456789abcdef'.repeat(4), sizeBytes: 1n }] });
+  t.equal(ok.missingBlobDigests.length, 1, 'every hex digit is accepted');
+});
+
 t.test('FindMissingBlobs rejects malformed digests naming their index', async (t) => {
   const { client } = setup();
   const good = toProtoDigest(digestOf(enc.encode('ok')));

@@ -149,6 +149,10 @@ export interface ShardingStoreConfig {
   readonly healthCheckTimeoutMs?: number | undefined;
   readonly probeDepth?: number | undefined;
   readonly probeWindowMs?: number | undefined;
+  /** Digests remembered as recently confirmed present; 0 turns the existence cache off. */
+  readonly existenceCacheMaxEntries?: number | undefined;
+  /** How long such a confirmation is believed, in ms; 0 turns the existence cache off. */
+  readonly existenceCacheTtlMs?: number | undefined;
 }
 
 /**
@@ -347,7 +351,17 @@ const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
     const o = object(value, path);
     allowKeys(
       o,
-      ['shards', 'handoffDir', 'maxHints', 'healthCheckIntervalMs', 'healthCheckTimeoutMs', 'probeDepth', 'probeWindowMs'],
+      [
+        'shards',
+        'handoffDir',
+        'maxHints',
+        'healthCheckIntervalMs',
+        'healthCheckTimeoutMs',
+        'probeDepth',
+        'probeWindowMs',
+        'existenceCacheMaxEntries',
+        'existenceCacheTtlMs',
+      ],
       path,
     );
     const shardsPath = `${path}.shards`;
@@ -373,6 +387,8 @@ const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
       probeDepth,
       // 0: no probing by rank at all (pending hints are still followed).
       probeWindowMs: o.probeWindowMs === undefined ? undefined : nonNegativeInteger(o.probeWindowMs, `${path}.probeWindowMs`),
+      existenceCacheMaxEntries: optionalNonNegativeInteger(o, 'existenceCacheMaxEntries', path),
+      existenceCacheTtlMs: optionalNonNegativeInteger(o, 'existenceCacheTtlMs', path),
     };
   },
 
@@ -494,6 +510,10 @@ function positiveInteger(value: unknown, path: string): number {
 
 function optionalPositiveInteger(o: Record<string, unknown>, key: string, path: string): number | undefined {
   return o[key] === undefined ? undefined : positiveInteger(o[key], `${path}.${key}`);
+}
+
+function optionalNonNegativeInteger(o: Record<string, unknown>, key: string, path: string): number | undefined {
+  return o[key] === undefined ? undefined : nonNegativeInteger(o[key], `${path}.${key}`);
 }
 
 function nonNegativeInteger(value: unknown, path: string): number {

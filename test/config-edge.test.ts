@@ -60,6 +60,8 @@ t.test('an edge tree: defaults filled in, relative dirs resolved against the con
       healthCheckTimeoutMs: undefined,
       probeDepth: 0,
       probeWindowMs: undefined,
+      existenceCacheMaxEntries: undefined,
+      existenceCacheTtlMs: undefined,
     },
     secondary: { kind: 'remote', url: 'http://s:1', instanceName: '', timeoutMs: undefined, healthTimeoutMs: undefined },
     journalDir: '/var/j',
@@ -118,9 +120,19 @@ t.test('errors in remote, sharding, fallback and children name the offending fie
     ['probeWindowMs negative', { ...valid(), cas: sharding({ probeWindowMs: -5 }) }, 'config.cas.sharding.probeWindowMs: expected a non-negative integer, got -5'],
     ['probeWindowMs fractional', { ...valid(), cas: sharding({ probeWindowMs: 1.5 }) }, 'config.cas.sharding.probeWindowMs: expected a non-negative integer, got 1.5'],
     [
+      'existenceCacheMaxEntries negative',
+      { ...valid(), cas: sharding({ existenceCacheMaxEntries: -1 }) },
+      'config.cas.sharding.existenceCacheMaxEntries: expected a non-negative integer, got -1',
+    ],
+    [
+      'existenceCacheTtlMs string',
+      { ...valid(), cas: sharding({ existenceCacheTtlMs: '10s' }) },
+      'config.cas.sharding.existenceCacheTtlMs: expected a non-negative integer, got "10s"',
+    ],
+    [
       'sharding unknown field',
       { ...valid(), cas: sharding({ replicas: 2 }) },
-      'config.cas.sharding.replicas: unknown field (allowed: shards, handoffDir, maxHints, healthCheckIntervalMs, healthCheckTimeoutMs, probeDepth, probeWindowMs)',
+      'config.cas.sharding.replicas: unknown field (allowed: shards, handoffDir, maxHints, healthCheckIntervalMs, healthCheckTimeoutMs, probeDepth, probeWindowMs, existenceCacheMaxEntries, existenceCacheTtlMs)',
     ],
     // fallback
     ['fallback without primary', { ...valid(), cas: { fallback: { secondary: remote(), journalDir: 'j' } } }, 'config.cas.fallback.primary: required'],

@@ -115,6 +115,7 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
         healthCheckTimeoutMs: config.healthCheckTimeoutMs,
         probeDepth: config.probeDepth,
         probeWindowMs: config.probeWindowMs,
+        existenceCache: { maxEntries: config.existenceCacheMaxEntries, ttlMs: config.existenceCacheTtlMs },
         logger,
       });
       ctx.sharding.push(store as ShardingStore);

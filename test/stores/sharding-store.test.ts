@@ -177,7 +177,8 @@ t.test('routing is stable: every blob lands on its top-ranked shard and reads ba
 });
 
 t.test('owner failing while its breaker is closed: retried on the next shard, no client error', async (t) => {
-  const c = await cluster(t, { ...noHealthChecks, handoff: { intervalMs: 3_600_000 } });
+  // No existence cache: the findMissing below must reach the shards.
+  const c = await cluster(t, { ...noHealthChecks, handoff: { intervalMs: 3_600_000 }, existenceCache: { ttlMs: 0 } });
   const b = blobRanked(['a', 'b']);
   c.shards.get('a')!.mode = 'unavailable';
 
@@ -719,4 +720,105 @@ t.test('describe reports shard state, hints and children; close is idempotent an
   const err = await rejection(c.store.get(x.digest));
   t.equal(err.code, Code.Unavailable);
   t.equal(err.rawMessage, 'sharding store is closed');
+});
+
+t.test('existence cache: confirmed blobs are answered without a shard hop until the shard changes state', async (t) => {
+  const c = await cluster(t, { ...noHealthChecks, probeWindowMs: 0, breaker: { closeAfterProbes: 1 } });
+  const x = blobRanked(['a']);
+  const y = blobRanked(['b']);
+  await c.store.put(x.digest, once(x.data)); // a write confirms
+  await innerOf(c, 'b').put(y.digest, once(y.data));
+  t.same(await c.store.findMissing([y.digest]), [], 'a FindMissing "present" confirms');
+  const before = NAMES.map((n) => c.shards.get(n)!.calls.findMissing);
+  t.same(await c.store.findMissing([x.digest, y.digest]), []);
+  t.same(NAMES.map((n) => c.shards.get(n)!.calls.findMissing), before, 'no shard asked');
+  t.match(c.store.describe().existenceCache, { entries: 2, hits: 2 });
+
+  // Any transition of a voids a's confirmations at once (b's stay).
+  c.store.drain('a');
+  c.store.undrain('a');
+  await waitFor('a closed', () => shardState(c, 'a').state === 'closed');
+  t.same(await c.store.findMissing([x.digest, y.digest]), []);
+  t.equal(c.shards.get('a')!.calls.findMissing, before[0]! + 1, 'a asked again');
+  t.equal(c.shards.get('b')!.calls.findMissing, before[1]!, 'b still answered from memory');
+});
+
+t.test('existence cache: a NOT_FOUND from the confirming shard voids it; the staleness is bounded by the TTL', async (t) => {
+  let now = 1_000_000;
+  const [x, y] = blobsRanked(['a'], 2) as [ReturnType<typeof blobRanked>, ReturnType<typeof blobRanked>];
+  // a holds one blob at a time: writing y evicts x behind the edge's back.
+  const inner = new Map([['a', new MemoryStore({ maxSizeBytes: Math.max(x.data.byteLength, y.data.byteLength), contentAddressed: true })]]);
+  inner.set('b', new MemoryStore({ maxSizeBytes: 1 << 20, contentAddressed: true }));
+  inner.set('c', new MemoryStore({ maxSizeBytes: 1 << 20, contentAddressed: true }));
+  const c = await cluster(t, { ...noHealthChecks, probeWindowMs: 0, inner, now: () => now, existenceCache: { ttlMs: 5000 } });
+  await c.store.put(x.digest, once(x.data));
+  await innerOf(c, 'a').put(y.digest, once(y.data));
+  t.notOk(await has(innerOf(c, 'a'), x.digest), 'evicted');
+  t.same(await c.store.findMissing([x.digest]), [], 'the catch: still vouched for within the TTL');
+  now += 5000;
+  t.same(await c.store.findMissing([x.digest]), [x.digest], 'not after it');
+
+  await c.store.put(x.digest, once(x.data)); // back on a (evicting y), confirmed
+  t.same(await c.store.findMissing([x.digest]), []);
+  await innerOf(c, 'a').put(y.digest, once(y.data));
+  t.equal((await rejection(c.store.get(x.digest))).code, Code.NotFound);
+  const calls = c.shards.get('a')!.calls.findMissing;
+  t.same(await c.store.findMissing([x.digest]), [x.digest], 'the read\'s NOT_FOUND voided the entry');
+  t.equal(c.shards.get('a')!.calls.findMissing, calls + 1);
+});
+
+t.test('existence cache: a probed stand-in\'s confirmation dies with the probe window; get and findMissing agree', async (t) => {
+  let now = 1_000_000;
+  const c = await cluster(t, { ...noHealthChecks, probeWindowMs: 10_000, now: () => now });
+  const x = blobRanked(['a', 'b']);
+  await innerOf(c, 'b').put(x.digest, once(x.data)); // by another edge
+  t.same(await c.store.findMissing([x.digest]), [], 'found by the start-up probe');
+  t.same(await c.store.findMissing([x.digest]), []);
+  t.equal(c.shards.get('b')!.calls.findMissing, 1, 'then from memory');
+  now += 10_000;
+  t.same(await c.store.findMissing([x.digest]), [x.digest], 'b is no longer read: not vouched for');
+  t.equal((await rejection(c.store.get(x.digest))).code, Code.NotFound);
+});
+
+t.test('probing: the start-up window probes every miss in the same round as its owner', async (t) => {
+  const c = await cluster(t, noHealthChecks);
+  const x = blobRanked(['a', 'b', 'c']);
+  await innerOf(c, 'c').put(x.digest, once(x.data));
+  for (const s of c.shards.values()) {
+    s.mode = 'slow';
+    s.delayMs = 100;
+  }
+  const pending = c.store.findMissing([x.digest, blob('nowhere').digest]);
+  await new Promise((r) => setTimeout(r, 50));
+  t.same(NAMES.map((n) => shardState(c, n).inFlight), [1, 1, 1], 'owner and probes asked at once');
+  t.same(await pending, [blob('nowhere').digest]);
+  t.same(NAMES.map((n) => c.shards.get(n)!.calls.findMissing), [1, 1, 1]);
+});
+
+t.test('probing: after the start-up window only misses whose owner changed state are probed', async (t) => {
+  let now = 1_000_000;
+  const c = await cluster(t, { ...noHealthChecks, probeWindowMs: 10_000, now: () => now, breaker: { closeAfterProbes: 1 } });
+  const ofA = blobRanked(['a', 'b', 'c']);
+  const ofB = blobRanked(['b', 'c', 'a']);
+  await innerOf(c, 'c').put(ofA.digest, once(ofA.data));
+  await innerOf(c, 'c').put(ofB.digest, once(ofB.data));
+  now += 10_000;
+  c.store.drain('a');
+  c.store.undrain('a');
+  await waitFor('a closed', () => shardState(c, 'a').state === 'closed');
+  t.same(c.store.describe().probingFor, ['a']);
+  const calls = () => NAMES.map((n) => c.shards.get(n)!.calls.findMissing + c.shards.get(n)!.calls.get);
+  const before = calls();
+  t.same(await c.store.findMissing([ofA.digest, ofB.digest]), [ofB.digest], 'a changed state: its miss is probed and found on c');
+  t.equal(await read(c.store, ofA.digest), `blob ${ofA.label}`);
+  t.equal((await rejection(c.store.get(ofB.digest))).code, Code.NotFound, 'b did not: its miss is final, for reads too');
+  const after = calls();
+  t.same(
+    after.map((n, i) => n - before[i]!),
+    [2, 3, 2],
+    'a: findMissing, get of ofA; b: one findMissing (ofB, probe of ofA), gets of ofA and ofB; c: probe and get of ofA',
+  );
+  now += 10_000;
+  t.same(c.store.describe().probingFor, []);
+  t.equal(c.store.describe().probing, false);
 });

@@ -149,30 +149,40 @@ function utf8(r: Reader, bytes: Buffer, field: string): string {
   return bytes.toString('utf8');
 }
 
+/** One known field: its wire type and what to do with its value. */
+type FieldReader = readonly [wireType: number, read: (r: Reader) => void];
+
+/**
+ * Walks a message's fields: known ones (by number) are checked for their
+ * wire type and read, unknown ones skipped, field number 0 rejected.
+ */
+function readFields(r: Reader, known: (field: number) => FieldReader | undefined): void {
+  while (!r.done) {
+    const tag = r.uint32();
+    const field = tag >>> 3;
+    const wt = tag & 7;
+    if (field === 0) throw r.fail('field number 0');
+    const reader = known(field);
+    if (reader === undefined) {
+      r.skip(wt, field);
+      continue;
+    }
+    expectWireType(r, field, wt, reader[0]);
+    reader[1](r);
+  }
+}
+
 export function decodeReadRequest(buf: Buffer): ReadRequestFields {
   const r = new Reader(buf, 'google.bytestream.ReadRequest');
   let resourceName = '';
   let readOffset = 0n;
   let readLimit = 0n;
-  while (!r.done) {
-    const tag = r.uint32();
-    const field = tag >>> 3;
-    const wt = tag & 7;
-    if (field === 1) {
-      expectWireType(r, 1, wt, WIRE_LEN);
-      resourceName = utf8(r, r.lengthDelimited(), 'resource_name');
-    } else if (field === 2) {
-      expectWireType(r, 2, wt, WIRE_VARINT);
-      readOffset = r.varint64();
-    } else if (field === 3) {
-      expectWireType(r, 3, wt, WIRE_VARINT);
-      readLimit = r.varint64();
-    } else if (field === 0) {
-      throw r.fail('field number 0');
-    } else {
-      r.skip(wt, field);
-    }
-  }
+  readFields(r, (field) => {
+    if (field === 1) return [WIRE_LEN, () => (resourceName = utf8(r, r.lengthDelimited(), 'resource_name'))];
+    if (field === 2) return [WIRE_VARINT, () => (readOffset = r.varint64())];
+    if (field === 3) return [WIRE_VARINT, () => (readLimit = r.varint64())];
+    return undefined;
+  });
   return { resourceName, readOffset, readLimit };
 }
 
@@ -182,28 +192,13 @@ export function decodeWriteRequest(buf: Buffer): WriteRequestFields {
   let writeOffset = 0n;
   let finishWrite = false;
   let data: Uint8Array = EMPTY;
-  while (!r.done) {
-    const tag = r.uint32();
-    const field = tag >>> 3;
-    const wt = tag & 7;
-    if (field === 10) {
-      expectWireType(r, 10, wt, WIRE_LEN);
-      data = r.lengthDelimited();
-    } else if (field === 2) {
-      expectWireType(r, 2, wt, WIRE_VARINT);
-      writeOffset = r.varint64();
-    } else if (field === 1) {
-      expectWireType(r, 1, wt, WIRE_LEN);
-      resourceName = utf8(r, r.lengthDelimited(), 'resource_name');
-    } else if (field === 3) {
-      expectWireType(r, 3, wt, WIRE_VARINT);
-      finishWrite = r.varint64() !== 0n;
-    } else if (field === 0) {
-      throw r.fail('field number 0');
-    } else {
-      r.skip(wt, field);
-    }
-  }
+  readFields(r, (field) => {
+    if (field === 10) return [WIRE_LEN, () => (data = r.lengthDelimited())];
+    if (field === 2) return [WIRE_VARINT, () => (writeOffset = r.varint64())];
+    if (field === 1) return [WIRE_LEN, () => (resourceName = utf8(r, r.lengthDelimited(), 'resource_name'))];
+    if (field === 3) return [WIRE_VARINT, () => (finishWrite = r.varint64() !== 0n)];
+    return undefined;
+  });
   return { resourceName, writeOffset, finishWrite, data };
 }
 
@@ -211,19 +206,7 @@ export function decodeWriteRequest(buf: Buffer): WriteRequestFields {
 export function decodeReadResponse(buf: Buffer): Uint8Array {
   const r = new Reader(buf, 'google.bytestream.ReadResponse');
   let data: Uint8Array = EMPTY;
-  while (!r.done) {
-    const tag = r.uint32();
-    const field = tag >>> 3;
-    const wt = tag & 7;
-    if (field === 10) {
-      expectWireType(r, 10, wt, WIRE_LEN);
-      data = r.lengthDelimited();
-    } else if (field === 0) {
-      throw r.fail('field number 0');
-    } else {
-      r.skip(wt, field);
-    }
-  }
+  readFields(r, (field) => (field === 10 ? [WIRE_LEN, () => (data = r.lengthDelimited())] : undefined));
   return data;
 }
 
@@ -298,19 +281,7 @@ function dataFieldHeader(head: Buffer): { headerBytes: number; dataBytes: number
 export function decodeWriteResponse(buf: Buffer): bigint {
   const r = new Reader(buf, 'google.bytestream.WriteResponse');
   let committedSize = 0n;
-  while (!r.done) {
-    const tag = r.uint32();
-    const field = tag >>> 3;
-    const wt = tag & 7;
-    if (field === 1) {
-      expectWireType(r, 1, wt, WIRE_VARINT);
-      committedSize = r.varint64();
-    } else if (field === 0) {
-      throw r.fail('field number 0');
-    } else {
-      r.skip(wt, field);
-    }
-  }
+  readFields(r, (field) => (field === 1 ? [WIRE_VARINT, () => (committedSize = r.varint64())] : undefined));
   return committedSize;
 }
 

@@ -1,6 +1,7 @@
 // gRPC status over HTTP/2 headers, for the ByteStream fast path: the
 // grpc-status and grpc-message trailers, grpc-timeout, and the HTTP status a
 // non-gRPC answer maps to (per the gRPC-over-HTTP/2 protocol description).
+import type { IncomingHttpHeaders } from 'node:http2';
 import { Code, ConnectError } from '@connectrpc/connect';
 
 /**
@@ -78,4 +79,20 @@ export function errorFromStatus(status: string | string[] | undefined, message: 
   if (code === 0) return undefined;
   const m = Array.isArray(message) ? message[0] : message;
   return new ConnectError(decodeGrpcMessage(m ?? ''), code as Code);
+}
+
+/**
+ * An HTTP/2 request's headers as WHATWG Headers, as Connect's interceptors
+ * and handlers take them: pseudo-headers (":path", ...) left out, repeated
+ * headers appended in order.
+ */
+export function headersFromHttp2(h: IncomingHttpHeaders): Headers {
+  const out = new Headers();
+  for (const name in h) {
+    if (name.charCodeAt(0) === 58) continue; // ':' pseudo-headers
+    const v = h[name];
+    if (typeof v === 'string') out.append(name, v);
+    else if (Array.isArray(v)) for (const item of v) out.append(name, item);
+  }
+  return out;
 }

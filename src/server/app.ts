@@ -12,6 +12,7 @@ import type { Http2Server, Http2ServerRequest, Http2ServerResponse } from 'node:
 import type { Logger } from 'pino';
 import type { ServiceDeps } from '../services/deps.ts';
 import { type RequestContext, requestContext } from '../request-context.ts';
+import { headersFromHttp2 } from '../grpc/status.ts';
 import { createByteStreamCore } from '../services/bytestream.ts';
 import { registerServices } from '../services/index.ts';
 import { createByteStreamFastPath } from './bytestream-fast-path.ts';
@@ -220,19 +221,11 @@ function directRoutes(
 function grpcRequest(req: Http2ServerRequest, contextValues: ContextValues): UniversalServerRequest {
   const controller = new AbortController();
   req.once('close', () => controller.abort(resetError(req.stream.rstCode) ?? CALL_ENDED));
-  const header = new Headers();
-  const h = req.headers;
-  for (const name in h) {
-    if (name.charCodeAt(0) === 58) continue; // ':' pseudo-headers
-    const v = h[name];
-    if (typeof v === 'string') header.append(name, v);
-    else if (Array.isArray(v)) for (const x of v) header.append(name, x);
-  }
   return {
     httpVersion: req.httpVersion,
     method: req.method,
     url: `http://${req.authority}${req.url}`,
-    header,
+    header: headersFromHttp2(req.headers),
     body: requestBody(req),
     signal: controller.signal,
     contextValues,

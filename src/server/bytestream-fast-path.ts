@@ -1,4 +1,4 @@
-import type { Http2ServerRequest, IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Stream } from 'node:http2';
+import type { Http2ServerRequest, OutgoingHttpHeaders, ServerHttp2Stream } from 'node:http2';
 import { gunzipSync, inflateSync } from 'node:zlib';
 import type { ContextValues, Interceptor, StreamRequest, StreamResponse } from '@connectrpc/connect';
 import { Code, ConnectError } from '@connectrpc/connect';
@@ -8,7 +8,7 @@ import type { ReadRequestFields, WriteRequestFields } from '../grpc/bytestream-c
 import { decodeReadRequest, decodeWriteRequest, encodeWriteResponse, readResponseHeader } from '../grpc/bytestream-codec.ts';
 import { FrameDecoder } from '../grpc/framing.ts';
 import type { Frame } from '../grpc/framing.ts';
-import { encodeGrpcMessage, parseGrpcTimeout } from '../grpc/status.ts';
+import { encodeGrpcMessage, headersFromHttp2, parseGrpcTimeout } from '../grpc/status.ts';
 import type { ByteStreamCore } from '../services/bytestream.ts';
 import { READ_CHUNK_BYTES } from '../services/bytestream.ts';
 
@@ -138,7 +138,7 @@ class FastCall {
         requestMethod: 'POST',
         url: `http://${headers[':authority'] ?? 'localhost'}${this.#req.url}`,
         signal: this.#ctl.signal,
-        header: toHeaders(headers),
+        header: headersFromHttp2(headers),
         contextValues: this.#opts.contextValues(this.#req),
         message: new RequestMessages(
           stream,
@@ -418,14 +418,4 @@ function decompressorFor(encoding: string | string[] | undefined, maxBytes: numb
 function dataBytes(msg: object): number {
   const data = (msg as { data?: Uint8Array }).data;
   return data === undefined ? 0 : data.byteLength;
-}
-
-function toHeaders(h: IncomingHttpHeaders): Headers {
-  const out = new Headers();
-  for (const [k, v] of Object.entries(h)) {
-    if (k.startsWith(':') || v === undefined) continue;
-    if (Array.isArray(v)) for (const item of v) out.append(k, item);
-    else out.append(k, v);
-  }
-  return out;
 }

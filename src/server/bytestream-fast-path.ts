@@ -195,6 +195,7 @@ class FastCall {
     const core = this.#opts.core;
     const signal = req.signal;
     return this.#response(
+      req,
       (async function* () {
         for await (const data of core.read(first.value, signal)) yield { data };
       })(),
@@ -205,17 +206,18 @@ class FastCall {
   readonly #write = async (req: StreamRequest): Promise<StreamResponse> => {
     const committedSize = await this.#opts.core.write(req.message as AsyncIterable<WriteRequestFields>, req.signal);
     return this.#response(
+      req,
       (async function* () {
         yield { committedSize };
       })(),
     );
   };
 
-  #response(message: AsyncIterable<object>): StreamResponse {
+  #response(req: StreamRequest, message: AsyncIterable<object>): StreamResponse {
     return {
       stream: true,
       service: ByteStream,
-      method: ByteStream.method.read as never,
+      method: req.method,
       header: new Headers(),
       trailer: new Headers(),
       message: message as AsyncIterable<never>,

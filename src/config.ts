@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import { dirname, resolve } from 'node:path';
+import { instanceNameError } from './services/instance-name.ts';
 
 /**
  * The process configuration (config.json), validated. Every error names the
@@ -30,6 +31,14 @@ export interface NodeConfig {
   readonly admin?: AdminConfig | undefined;
   /** Largest sum of blob sizes in one BatchUpdateBlobs/BatchReadBlobs call. */
   readonly maxBatchTotalSizeBytes: number;
+  /** TLS (and optionally mTLS) on the REAPI port; absent: cleartext (h2c and HTTP/1.1). */
+  readonly tls?: ServerTlsConfig | undefined;
+  /** Who may read and write which instances; absent: everyone may do everything. */
+  readonly auth?: AuthConfig | undefined;
+  /** How instance names partition the action cache. Defaults filled in. */
+  readonly instances: InstancesConfig;
+  /** Limits on every input. Defaults filled in. */
+  readonly limits: LimitsConfig;
   readonly cas: StoreConfig;
   readonly ac: StoreConfig;
   /**
@@ -59,8 +68,146 @@ export interface ListenAddress {
 
 export interface AdminConfig {
   readonly listen: ListenAddress;
+  /**
+   * The admin bearer token, from exactly one of `token` (plain, in the
+   * config), `tokenFile` (first line of the file) or `tokenEnv` (an
+   * environment variable). The file and the variable are read at startup.
+   */
   readonly token?: string | undefined;
+  readonly tokenFile?: string | undefined;
+  readonly tokenEnv?: string | undefined;
+  /**
+   * Host header values (host or host:port) the admin surface answers; others
+   * get 421. Default: the listen address, plus localhost and 127.0.0.1 / [::1]
+   * with its port when it listens on loopback.
+   */
+  readonly allowedHosts?: readonly string[] | undefined;
 }
+
+/**
+ * `"tls": {"certFile": "tls/server.pem", "keyFile": "tls/server.key",
+ * "clientCaFile": "tls/ca.pem", "clientCert": "require"}`. Paths resolve
+ * against the config file's directory. The files are reloaded on SIGHUP and
+ * when they change, without dropping connections.
+ */
+export interface ServerTlsConfig {
+  /** PEM certificate chain (absolute after resolution). */
+  readonly certFile: string;
+  /** PEM private key (absolute after resolution). */
+  readonly keyFile: string;
+  /** PEM CA bundle that client certificates are verified against; enables mTLS. */
+  readonly clientCaFile?: string | undefined;
+  /**
+   * With clientCaFile: "require" (default) refuses a handshake without a
+   * valid client certificate; "optional" accepts one without a certificate
+   * (a token must then identify the client) but never one with a bad one.
+   */
+  readonly clientCert: 'require' | 'optional';
+}
+
+export type Access = 'read' | 'read-write';
+
+/** Access by instance-name prefix; the longest matching prefix wins. */
+export interface Grant {
+  /**
+   * "" matches every instance name; "a/b" matches "a/b" and "a/b/..." but
+   * not "a/bc" (prefixes are whole segments).
+   */
+  readonly instancePrefix: string;
+  readonly access: Access;
+}
+
+/**
+ * ```json
+ * "auth": {
+ *   "anonymous": "read",
+ *   "identities": {
+ *     "ci": {"tokenSha256": "<64 hex>", "grants": {"": "read-write"}},
+ *     "alice": {"basic": {"username": "alice", "passwordHash": "scrypt$..."}, "grants": {"team-a": "read"}},
+ *     "runner-7": {"clientCertCommonName": "runner-7", "grants": {"": "read-write"}}
+ *   }
+ * }
+ * ```
+ * Secrets are stored as hashes only (`npm run hash-secret`).
+ */
+export interface AuthConfig {
+  /** What a call with no credentials may do: nothing (UNAUTHENTICATED) or read every instance. Default "none". */
+  readonly anonymous: 'none' | 'read';
+  readonly identities: readonly IdentityConfig[];
+}
+
+export interface IdentityConfig {
+  readonly name: string;
+  /** Lowercase hex SHA-256 of the bearer token (tokens are random, so a fast hash is enough). */
+  readonly tokenSha256?: string | undefined;
+  /** HTTP basic: the password as a scrypt hash string (see src/auth/). */
+  readonly basic?: { readonly username: string; readonly passwordHash: string } | undefined;
+  /** mTLS: a verified client certificate whose subject CN is this. */
+  readonly clientCertCommonName?: string | undefined;
+  readonly grants: readonly Grant[];
+  /** Calls per second allowed to this identity (token bucket), with a burst; absent: no limit. */
+  readonly rateLimit?: { readonly requestsPerSecond: number; readonly burst: number } | undefined;
+}
+
+/**
+ * `"instances": {"isolateActionCache": true, "aliases": {"ci-linux": "linux", "dev-linux": "linux"}}`.
+ * With isolation (the default) the action cache is partitioned by namespace:
+ * an instance name's namespace is its alias if it has one, else the name
+ * itself. Without it every instance shares the namespace "". The CAS is
+ * always shared: it is content-addressed.
+ */
+export interface InstancesConfig {
+  readonly isolateActionCache: boolean;
+  /** Instance name -> action-cache namespace. */
+  readonly aliases: ReadonlyMap<string, string>;
+}
+
+/** Each limit's default is in DEFAULT_LIMITS; the README's limits table lists the errors. */
+export interface LimitsConfig {
+  /** Largest gRPC / Connect binary message, received or accepted. */
+  readonly maxMessageBytes: number;
+  /** Largest Connect/JSON request body. */
+  readonly maxJsonBodyBytes: number;
+  /** Digests in one FindMissingBlobs request. */
+  readonly maxFindMissingDigests: number;
+  /** Digests (or blobs) in one BatchReadBlobs / BatchUpdateBlobs request. */
+  readonly maxBatchBlobs: number;
+  /** Largest blob accepted by a ByteStream Write or Batch update. */
+  readonly maxBlobSizeBytes: number;
+  /** Largest zstd window (log2 bytes) a compressed upload may use. */
+  readonly maxZstdWindowLog: number;
+  /** HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection. */
+  readonly maxConcurrentStreams: number;
+  /** Bytes of partly received messages held for one HTTP/2 connection at once. */
+  readonly maxConnectionBufferBytes: number;
+  /** Open client connections; more are refused at accept. */
+  readonly maxConnections: number;
+  /** Time to send the HTTP/1.1 request headers, or the HTTP/2 preface and SETTINGS, from connect. */
+  readonly headersTimeoutMs: number;
+  /** A connection with no request or stream in flight for this long is closed. */
+  readonly idleTimeoutMs: number;
+  /** Time to receive a whole HTTP/1.1 request (headers and body). */
+  readonly requestTimeoutMs: number;
+}
+
+const MiB = 1024 * 1024;
+
+export const DEFAULT_LIMITS: LimitsConfig = {
+  maxMessageBytes: 4 * MiB,
+  maxJsonBodyBytes: 8 * MiB,
+  maxFindMissingDigests: 65_536,
+  maxBatchBlobs: 10_000,
+  maxBlobSizeBytes: 16 * 1024 * MiB,
+  maxZstdWindowLog: 23,
+  maxConcurrentStreams: 128,
+  maxConnectionBufferBytes: 64 * MiB,
+  maxConnections: 1024,
+  headersTimeoutMs: 10_000,
+  idleTimeoutMs: 300_000,
+  requestTimeoutMs: 300_000,
+};
+
+export const DEFAULT_INSTANCES: InstancesConfig = { isolateActionCache: true, aliases: new Map() };
 
 /**
  * Default batch limit: 4 MiB minus 64 KiB. Bazel (like every grpc-java or
@@ -122,6 +269,25 @@ export interface RemoteStoreConfig {
   readonly timeoutMs?: number | undefined;
   /** Deadline for one grpc.health.v1 check. Default 1 s. */
   readonly healthTimeoutMs?: number | undefined;
+  /** For https:// shards: the CA to trust, a client certificate, the name to verify. */
+  readonly tls?: RemoteTlsConfig | undefined;
+  /**
+   * Sent as `Authorization: Bearer <token>` on every call to the shard. From
+   * a file (first line) or an environment variable, read at startup; never
+   * written in the config itself.
+   */
+  readonly bearerTokenFile?: string | undefined;
+  readonly bearerTokenEnv?: string | undefined;
+}
+
+export interface RemoteTlsConfig {
+  /** PEM CA bundle (absolute after resolution); default: the system's roots. */
+  readonly caFile?: string | undefined;
+  /** Client certificate and key for mTLS; both or neither. */
+  readonly certFile?: string | undefined;
+  readonly keyFile?: string | undefined;
+  /** Name to verify the shard's certificate against; default: the URL's host. */
+  readonly serverName?: string | undefined;
 }
 
 /**
@@ -218,15 +384,26 @@ export function parseConfig(raw: unknown, opts: ParseOptions): NodeConfig {
 
 function parseNode(raw: unknown, path: string, opts: ParseOptions, top: boolean): NodeConfig {
   const o = object(raw, path);
-  const keys = ['logLevel', 'listen', 'admin', 'maxBatchTotalSizeBytes', 'cas', 'ac'];
+  const keys = ['logLevel', 'listen', 'admin', 'maxBatchTotalSizeBytes', 'tls', 'auth', 'instances', 'limits', 'cas', 'ac'];
   allowKeys(o, top ? [...keys, 'children'] : [...keys, 'restart'], path);
   const logLevel = o.logLevel === undefined ? 'info' : oneOf(o.logLevel, LOG_LEVELS, `${path}.logLevel`);
   const listen = listenAddress(required(o, 'listen', path), `${path}.listen`);
-  const admin = o.admin === undefined ? undefined : adminConfig(o.admin, `${path}.admin`);
+  const admin = o.admin === undefined ? undefined : adminConfig(o.admin, `${path}.admin`, opts);
+  const tls = o.tls === undefined ? undefined : serverTlsConfig(o.tls, `${path}.tls`, opts);
+  const auth = o.auth === undefined ? undefined : authConfig(o.auth, `${path}.auth`, tls);
+  const instances = o.instances === undefined ? DEFAULT_INSTANCES : instancesConfig(o.instances, `${path}.instances`);
+  const limits = o.limits === undefined ? DEFAULT_LIMITS : limitsConfig(o.limits, `${path}.limits`);
   const maxBatchTotalSizeBytes =
     o.maxBatchTotalSizeBytes === undefined
       ? DEFAULT_MAX_BATCH_TOTAL_SIZE_BYTES
       : positiveInteger(o.maxBatchTotalSizeBytes, `${path}.maxBatchTotalSizeBytes`);
+  // A full batch must fit in one message with room for its per-blob framing.
+  if (maxBatchTotalSizeBytes > limits.maxMessageBytes - 64 * 1024) {
+    throw new ConfigError(
+      `${path}.maxBatchTotalSizeBytes: ${maxBatchTotalSizeBytes} does not fit in limits.maxMessageBytes (${limits.maxMessageBytes}) ` +
+        'with 64 KiB of framing to spare; lower it or raise the message limit',
+    );
+  }
   const cas = parseStoreConfig(required(o, 'cas', path), `${path}.cas`, { tree: 'cas', baseDir: opts.baseDir });
   const ac = parseStoreConfig(required(o, 'ac', path), `${path}.ac`, { tree: 'ac', baseDir: opts.baseDir });
   const children: ChildConfig[] = [];
@@ -245,7 +422,7 @@ function parseNode(raw: unknown, path: string, opts: ParseOptions, top: boolean)
       children.push({ name, restart: restartValue !== false, config: child });
     }
   }
-  const config = { logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, children };
+  const config = { logLevel, listen, admin, maxBatchTotalSizeBytes, tls, auth, instances, limits, cas, ac, children };
   if (top) checkDistinctAddresses(config, path);
   return config;
 }
@@ -324,9 +501,9 @@ const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
     return { kind: 'completenessChecking', backend: parseStoreConfig(required(o, 'backend', path), `${path}.backend`, ctx) };
   },
 
-  remote(value, path): RemoteStoreConfig {
+  remote(value, path, ctx): RemoteStoreConfig {
     const o = object(value, path);
-    allowKeys(o, ['url', 'instanceName', 'timeoutMs', 'healthTimeoutMs'], path);
+    allowKeys(o, ['url', 'instanceName', 'timeoutMs', 'healthTimeoutMs', 'tls', 'bearerTokenFile', 'bearerTokenEnv'], path);
     const url = nonEmptyString(required(o, 'url', path), `${path}.url`);
     let parsed: URL;
     try {
@@ -338,12 +515,37 @@ const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
       throw new ConfigError(`${path}.url: expected an http:// or https:// URL, got ${describe(url)}`);
     }
     const instanceName = o.instanceName === undefined ? '' : string(o.instanceName, `${path}.instanceName`);
+    let tls: RemoteTlsConfig | undefined;
+    if (o.tls !== undefined) {
+      const tp = `${path}.tls`;
+      if (parsed.protocol !== 'https:') throw new ConfigError(`${tp}: only valid with an https:// url, got ${describe(url)}`);
+      const t = object(o.tls, tp);
+      allowKeys(t, ['caFile', 'certFile', 'keyFile', 'serverName'], tp);
+      const file = (key: string) =>
+        t[key] === undefined ? undefined : resolve(ctx.baseDir, nonEmptyString(t[key], `${tp}.${key}`));
+      tls = {
+        caFile: file('caFile'),
+        certFile: file('certFile'),
+        keyFile: file('keyFile'),
+        serverName: t.serverName === undefined ? undefined : nonEmptyString(t.serverName, `${tp}.serverName`),
+      };
+      if ((tls.certFile === undefined) !== (tls.keyFile === undefined)) {
+        throw new ConfigError(`${tp}: certFile and keyFile go together (a client certificate needs its key)`);
+      }
+    }
+    if (o.bearerTokenFile !== undefined && o.bearerTokenEnv !== undefined) {
+      throw new ConfigError(`${path}: give bearerTokenFile or bearerTokenEnv, not both`);
+    }
     return {
       kind: 'remote',
       url,
       instanceName,
       timeoutMs: optionalPositiveInteger(o, 'timeoutMs', path),
       healthTimeoutMs: optionalPositiveInteger(o, 'healthTimeoutMs', path),
+      tls,
+      bearerTokenFile:
+        o.bearerTokenFile === undefined ? undefined : resolve(ctx.baseDir, nonEmptyString(o.bearerTokenFile, `${path}.bearerTokenFile`)),
+      bearerTokenEnv: o.bearerTokenEnv === undefined ? undefined : envName(o.bearerTokenEnv, `${path}.bearerTokenEnv`),
     };
   },
 
@@ -463,12 +665,193 @@ function listenAddress(value: unknown, path: string): ListenAddress {
   return parsed;
 }
 
-function adminConfig(value: unknown, path: string): AdminConfig {
+function adminConfig(value: unknown, path: string, opts: ParseOptions): AdminConfig {
   const o = object(value, path);
-  allowKeys(o, ['listen', 'token'], path);
+  allowKeys(o, ['listen', 'token', 'tokenFile', 'tokenEnv', 'allowedHosts'], path);
   const listen = listenAddress(required(o, 'listen', path), `${path}.listen`);
+  const given = ['token', 'tokenFile', 'tokenEnv'].filter((k) => o[k] !== undefined);
+  if (given.length > 1) throw new ConfigError(`${path}: give one of token, tokenFile or tokenEnv, not ${given.join(' and ')}`);
   const token = o.token === undefined ? undefined : nonEmptyString(o.token, `${path}.token`);
-  return { listen, token };
+  const tokenFile = o.tokenFile === undefined ? undefined : resolve(opts.baseDir, nonEmptyString(o.tokenFile, `${path}.tokenFile`));
+  const tokenEnv = o.tokenEnv === undefined ? undefined : envName(o.tokenEnv, `${path}.tokenEnv`);
+  let allowedHosts: string[] | undefined;
+  if (o.allowedHosts !== undefined) {
+    const hp = `${path}.allowedHosts`;
+    if (!Array.isArray(o.allowedHosts) || o.allowedHosts.length === 0) {
+      throw new ConfigError(`${hp}: expected a non-empty array of host names, got ${describe(o.allowedHosts)}`);
+    }
+    allowedHosts = o.allowedHosts.map((h, i) => {
+      const host = nonEmptyString(h, `${hp}[${i}]`);
+      if (!/^[A-Za-z0-9.:\[\]_-]+$/.test(host)) throw new ConfigError(`${hp}[${i}]: not a host or host:port, got ${describe(host)}`);
+      return host.toLowerCase();
+    });
+  }
+  return { listen, token, tokenFile, tokenEnv, allowedHosts };
+}
+
+function serverTlsConfig(value: unknown, path: string, opts: ParseOptions): ServerTlsConfig {
+  const o = object(value, path);
+  allowKeys(o, ['certFile', 'keyFile', 'clientCaFile', 'clientCert'], path);
+  const file = (key: string) => resolve(opts.baseDir, nonEmptyString(o[key], `${path}.${key}`));
+  const clientCaFile = o.clientCaFile === undefined ? undefined : file('clientCaFile');
+  if (o.clientCert !== undefined && clientCaFile === undefined) {
+    throw new ConfigError(`${path}.clientCert: needs clientCaFile (the CA that client certificates are verified against)`);
+  }
+  return {
+    certFile: resolve(opts.baseDir, nonEmptyString(required(o, 'certFile', path), `${path}.certFile`)),
+    keyFile: resolve(opts.baseDir, nonEmptyString(required(o, 'keyFile', path), `${path}.keyFile`)),
+    clientCaFile,
+    clientCert: o.clientCert === undefined ? 'require' : oneOf(o.clientCert, ['require', 'optional'] as const, `${path}.clientCert`),
+  };
+}
+
+function authConfig(value: unknown, path: string, tls: ServerTlsConfig | undefined): AuthConfig {
+  const o = object(value, path);
+  allowKeys(o, ['anonymous', 'identities'], path);
+  const anonymous = o.anonymous === undefined ? 'none' : oneOf(o.anonymous, ['none', 'read'] as const, `${path}.anonymous`);
+  const ip = `${path}.identities`;
+  const io = object(required(o, 'identities', path), ip);
+  const identities: IdentityConfig[] = [];
+  const seen = new Map<string, string>();
+  const unique = (what: string, value: string, field: string) => {
+    const key = `${what}\0${value}`;
+    const other = seen.get(key);
+    if (other !== undefined) throw new ConfigError(`${field}: the same ${what} is already given to ${other}`);
+    seen.set(key, field);
+  };
+  for (const [name, raw] of Object.entries(io)) {
+    const p = `${ip}.${name}`;
+    if (!/^[A-Za-z0-9_.@-]+$/.test(name)) {
+      throw new ConfigError(`${p}: identity names may contain only letters, digits, '.', '_', '@' and '-'`);
+    }
+    const e = object(raw, p);
+    allowKeys(e, ['tokenSha256', 'basic', 'clientCertCommonName', 'grants', 'rateLimit'], p);
+    let tokenSha256: string | undefined;
+    if (e.tokenSha256 !== undefined) {
+      tokenSha256 = string(e.tokenSha256, `${p}.tokenSha256`);
+      if (!/^[0-9a-f]{64}$/.test(tokenSha256)) {
+        throw new ConfigError(`${p}.tokenSha256: expected 64 lowercase hex digits (the SHA-256 of the token, never the token itself)`);
+      }
+      unique('token', tokenSha256, `${p}.tokenSha256`);
+    }
+    let basic: IdentityConfig['basic'];
+    if (e.basic !== undefined) {
+      const bp = `${p}.basic`;
+      const b = object(e.basic, bp);
+      allowKeys(b, ['username', 'passwordHash'], bp);
+      const username = nonEmptyString(required(b, 'username', bp), `${bp}.username`);
+      if (username.includes(':') || /[\x00-\x1f\x7f]/.test(username)) {
+        throw new ConfigError(`${bp}.username: may not contain ':' or control characters`);
+      }
+      const passwordHash = nonEmptyString(required(b, 'passwordHash', bp), `${bp}.passwordHash`);
+      if (!/^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$/.test(passwordHash)) {
+        throw new ConfigError(`${bp}.passwordHash: expected "scrypt$N$r$p$salt$hash" as printed by npm run hash-secret, never a plain password`);
+      }
+      unique('basic username', username, `${bp}.username`);
+      basic = { username, passwordHash };
+    }
+    let clientCertCommonName: string | undefined;
+    if (e.clientCertCommonName !== undefined) {
+      clientCertCommonName = nonEmptyString(e.clientCertCommonName, `${p}.clientCertCommonName`);
+      if (tls?.clientCaFile === undefined) {
+        throw new ConfigError(`${p}.clientCertCommonName: needs tls.clientCaFile, or no certificate could ever be verified`);
+      }
+      unique('client certificate name', clientCertCommonName, `${p}.clientCertCommonName`);
+    }
+    if (tokenSha256 === undefined && basic === undefined && clientCertCommonName === undefined) {
+      throw new ConfigError(`${p}: needs a credential: tokenSha256, basic or clientCertCommonName`);
+    }
+    const gp = `${p}.grants`;
+    const go = object(required(e, 'grants', p), gp);
+    const grants: Grant[] = Object.entries(go).map(([prefix, access]) => {
+      if (prefix !== '') instanceNameProblem(prefix, `${gp}.${JSON.stringify(prefix)}`);
+      return { instancePrefix: prefix, access: oneOf(access, ['read', 'read-write'] as const, `${gp}.${JSON.stringify(prefix)}`) };
+    });
+    let rateLimit: IdentityConfig['rateLimit'];
+    if (e.rateLimit !== undefined) {
+      const rp = `${p}.rateLimit`;
+      const r = object(e.rateLimit, rp);
+      allowKeys(r, ['requestsPerSecond', 'burst'], rp);
+      const requestsPerSecond = positiveInteger(required(r, 'requestsPerSecond', rp), `${rp}.requestsPerSecond`);
+      rateLimit = { requestsPerSecond, burst: r.burst === undefined ? requestsPerSecond : positiveInteger(r.burst, `${rp}.burst`) };
+    }
+    identities.push({ name, tokenSha256, basic, clientCertCommonName, grants, rateLimit });
+  }
+  return { anonymous, identities };
+}
+
+function instancesConfig(value: unknown, path: string): InstancesConfig {
+  const o = object(value, path);
+  allowKeys(o, ['isolateActionCache', 'aliases'], path);
+  if (o.isolateActionCache !== undefined && typeof o.isolateActionCache !== 'boolean') {
+    throw new ConfigError(`${path}.isolateActionCache: expected true or false, got ${describe(o.isolateActionCache)}`);
+  }
+  const aliases = new Map<string, string>();
+  if (o.aliases !== undefined) {
+    const ap = `${path}.aliases`;
+    for (const [name, ns] of Object.entries(object(o.aliases, ap))) {
+      const field = `${ap}.${JSON.stringify(name)}`;
+      instanceNameProblem(name, field);
+      const namespace = string(ns, field);
+      if (namespace !== '') instanceNameProblem(namespace, field);
+      aliases.set(name, namespace);
+    }
+  }
+  return { isolateActionCache: o.isolateActionCache !== false, aliases };
+}
+
+/** Limits a value must stay within to be sane, whatever the deployment. */
+const LIMIT_RANGES: Readonly<Record<keyof LimitsConfig, readonly [number, number]>> = {
+  maxMessageBytes: [64 * 1024, 64 * MiB],
+  maxJsonBodyBytes: [64 * 1024, 256 * MiB],
+  maxFindMissingDigests: [1, 1_000_000],
+  maxBatchBlobs: [1, 1_000_000],
+  maxBlobSizeBytes: [1, Number.MAX_SAFE_INTEGER],
+  maxZstdWindowLog: [10, 31],
+  maxConcurrentStreams: [1, 65_535],
+  maxConnectionBufferBytes: [MiB, 4096 * MiB],
+  maxConnections: [1, 1_000_000],
+  headersTimeoutMs: [100, 600_000],
+  idleTimeoutMs: [1000, 86_400_000],
+  requestTimeoutMs: [1000, 86_400_000],
+};
+
+function limitsConfig(value: unknown, path: string): LimitsConfig {
+  const o = object(value, path);
+  const keys = Object.keys(DEFAULT_LIMITS) as (keyof LimitsConfig)[];
+  allowKeys(o, keys, path);
+  const out: Record<string, number> = {};
+  for (const key of keys) {
+    if (o[key] === undefined) {
+      out[key] = DEFAULT_LIMITS[key];
+      continue;
+    }
+    const v = positiveInteger(o[key], `${path}.${key}`);
+    const [lo, hi] = LIMIT_RANGES[key];
+    if (v < lo || v > hi) throw new ConfigError(`${path}.${key}: must be between ${lo} and ${hi}, got ${v}`);
+    out[key] = v;
+  }
+  const limits = out as unknown as LimitsConfig;
+  if (limits.maxConnectionBufferBytes < limits.maxMessageBytes) {
+    throw new ConfigError(`${path}.maxConnectionBufferBytes: must be at least maxMessageBytes (${limits.maxMessageBytes}), got ${limits.maxConnectionBufferBytes}`);
+  }
+  return limits;
+}
+
+/**
+ * Instance names (and the prefixes and aliases naming them) in config follow
+ * the request rules: printable, "/"-separated non-empty segments, no "." or
+ * "..", no reserved word.
+ */
+function instanceNameProblem(name: string, field: string): void {
+  const problem = instanceNameError(name);
+  if (problem !== undefined) throw new ConfigError(`${field}: instance name ${problem}`);
+}
+
+function envName(value: unknown, path: string): string {
+  const name = nonEmptyString(value, path);
+  if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) throw new ConfigError(`${path}: not an environment variable name, got ${describe(name)}`);
+  return name;
 }
 
 // --- primitive checks -------------------------------------------------------

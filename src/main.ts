@@ -106,8 +106,13 @@ async function main(): Promise<number> {
       logger,
       maxBatchTotalSizeBytes: config.maxBatchTotalSizeBytes,
       isReady: ready,
+      limits: config.limits,
+      instances: config.instances,
     },
     logger,
+    limits: config.limits,
+    tls: config.tls,
+    auth: config.auth,
     interceptors: [metricsInterceptor(registry)],
   });
 

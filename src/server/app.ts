@@ -10,6 +10,7 @@ import fastify, { LogController } from 'fastify';
 import type { FastifyInstance, FastifyServerFactory } from 'fastify';
 import type { Http2Server, Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Logger } from 'pino';
+import type { AuthConfig, LimitsConfig, ServerTlsConfig } from '../config.ts';
 import type { ServiceDeps } from '../services/deps.ts';
 import { type RequestContext, requestContext } from '../request-context.ts';
 import { headersFromHttp2 } from '../grpc/status.ts';
@@ -36,6 +37,12 @@ export interface AppOptions {
   readonly interceptors?: readonly Interceptor[] | undefined;
   /** HTTP/2 window sizes and the like; see createOnePortServer. */
   readonly server?: Omit<OnePortServerOptions, 'logger'> | undefined;
+  /** Input limits (message sizes, streams, connections, timeouts); DEFAULT_LIMITS when absent. */
+  readonly limits?: LimitsConfig | undefined;
+  /** TLS on the port; absent: cleartext. */
+  readonly tls?: ServerTlsConfig | undefined;
+  /** Authentication and authorization; absent: every caller may do everything. */
+  readonly auth?: AuthConfig | undefined;
 }
 
 /** Per-call state for the one log line per RPC. */

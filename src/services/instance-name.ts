@@ -16,37 +16,41 @@ export const RESERVED_INSTANCE_SEGMENTS: ReadonlySet<string> = new Set([
   'compressed-blobs',
 ]);
 
+/** Longest instance name accepted, in UTF-16 code units. */
+export const MAX_INSTANCE_NAME_LENGTH = 1024;
+
 /**
- * Throws INVALID_ARGUMENT unless `name` is a well-formed REAPI instance name:
- * "" (no instance), or "/"-separated segments none of which is empty
- * (leading, trailing or double slash), "." or "..", or a reserved word.
- *
- * Instance names are accepted but not used to partition data: every instance
- * shares one CAS and one action cache. That is safe for the CAS (content
- * addressed) and is what a single-tenant cache wants for the AC; a deployment
- * that needs isolated instances runs separate nodes.
+ * Why `name` is not a well-formed REAPI instance name, or undefined if it
+ * is: "" (no instance), or "/"-separated segments none of which is empty
+ * (leading, trailing or double slash), "." or "..", or a reserved word, made
+ * of printable characters only (no control characters: they end up in
+ * logs, file names and HTTP headers), at most MAX_INSTANCE_NAME_LENGTH long.
  */
-export function validateInstanceName(name: string): void {
-  if (name === '') return;
+export function instanceNameError(name: string): string | undefined {
+  if (name === '') return undefined;
+  if (name.length > MAX_INSTANCE_NAME_LENGTH) return `is longer than ${MAX_INSTANCE_NAME_LENGTH} characters`;
+  // C0 and C1 controls, DEL, and the Unicode line/paragraph separators.
+  const bad = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/.exec(name);
+  if (bad !== null) {
+    return `contains the control character U+${bad[0].charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')} at offset ${bad.index}`;
+  }
   const segments = name.split('/');
   for (let i = 0; i < segments.length; i++) {
     const s = segments[i]!;
-    let problem: string | undefined;
     if (s === '') {
-      problem =
-        i === 0
-          ? 'starts with "/"'
-          : i === segments.length - 1
-            ? 'ends with "/"'
-            : 'contains an empty segment ("//")';
-    } else if (s === '.' || s === '..') {
-      problem = `contains the segment "${s}"`;
-    } else if (RESERVED_INSTANCE_SEGMENTS.has(s)) {
-      problem = `contains the reserved segment "${s}"`;
+      return i === 0 ? 'starts with "/"' : i === segments.length - 1 ? 'ends with "/"' : 'contains an empty segment ("//")';
     }
-    if (problem !== undefined) {
-      throw new ConnectError(`instance_name "${clip(name)}" ${problem}`, Code.InvalidArgument);
-    }
+    if (s === '.' || s === '..') return `contains the segment "${s}"`;
+    if (RESERVED_INSTANCE_SEGMENTS.has(s)) return `contains the reserved segment "${s}"`;
+  }
+  return undefined;
+}
+
+/** Throws INVALID_ARGUMENT unless `name` is a well-formed instance name (see instanceNameError). */
+export function validateInstanceName(name: string): void {
+  const problem = instanceNameError(name);
+  if (problem !== undefined) {
+    throw new ConnectError(`instance_name ${JSON.stringify(clip(name))} ${problem}`, Code.InvalidArgument);
   }
 }
 

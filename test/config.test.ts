@@ -140,7 +140,7 @@ t.test('errors name the offending field', async (t) => {
       { ...valid(), cas: { memory: { maxSizeBytes: 1, maxSize: 2 } } },
       'config.cas.memory.maxSize: unknown field (allowed: maxSizeBytes)',
     ],
-    ['unknown top-level field', { ...valid(), lisen: 'x' }, 'config.lisen: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, children)'],
+    ['unknown top-level field', { ...valid(), lisen: 'x' }, 'config.lisen: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, tls, auth, instances, limits, cas, ac, children)'],
     ['missing listen', { cas: valid().cas, ac: valid().ac }, 'config.listen: required'],
     ['missing ac', { listen: '127.0.0.1:1', cas: valid().cas }, 'config.ac: required'],
     ['bad listen', { ...valid(), listen: '8980' }, 'config.listen: expected "host:port" (e.g. "127.0.0.1:8980" or "[::1]:8980"), got "8980"'],

@@ -50,8 +50,13 @@ export function instanceNameError(name: string): string | undefined {
 export function validateInstanceName(name: string): void {
   const problem = instanceNameError(name);
   if (problem !== undefined) {
-    throw new ConnectError(`instance_name ${JSON.stringify(clip(name))} ${problem}`, Code.InvalidArgument);
+    throw new ConnectError(`instance_name ${quote(clip(name))} ${problem}`, Code.InvalidArgument);
   }
+}
+
+/** JSON-quotes `s` with every control character escaped, so a message never carries one raw. */
+export function quote(s: string): string {
+  return JSON.stringify(s).replace(/[\u007f-\u009f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
 }
 
 function clip(s: string): string {

@@ -38,3 +38,13 @@ t.test('long names are clipped in the message', async (t) => {
   const msg = problem(`${'a'.repeat(300)}//`) ?? '';
   t.ok(msg.length > 0 && msg.length < 200, msg);
 });
+
+t.test('rejects control characters and overlong names, naming the character and where it is', async (t) => {
+  t.equal(problem('a\u0000b'), 'instance_name "a\\u0000b" contains the control character U+0000 at offset 1');
+  t.equal(problem('main\n'), 'instance_name "main\\n" contains the control character U+000A at offset 4');
+  t.equal(problem('x\u007f'), 'instance_name "x\\u007f" contains the control character U+007F at offset 1');
+  t.equal(problem('a\u2028b'), 'instance_name "a\\u2028b" contains the control character U+2028 at offset 1');
+  t.match(problem('a'.repeat(1025)), /is longer than 1024 characters$/);
+  t.equal(problem('a'.repeat(1024)), undefined, '1024 characters are fine');
+  t.equal(problem('équipe/主'), undefined, 'printable non-ASCII is fine');
+});

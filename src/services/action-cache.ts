@@ -9,7 +9,8 @@ import { isCode, notFound, toConnectError } from '../errors.ts';
 import { once, readAtMost } from '../streams.ts';
 import type { ServiceDeps } from './deps.ts';
 import { checkDigestFunction } from './cas.ts';
-import { validateInstanceName } from './instance-name.ts';
+import { DEFAULT_INSTANCES } from '../config.ts';
+import { acNamespace, validateInstanceName } from './instance-name.ts';
 
 /**
  * Largest serialized ActionResult accepted or served. Real results are a few
@@ -35,30 +36,38 @@ export const MAX_ACTION_RESULT_BYTES = 16 * 1024 * 1024;
  *   upload outputs first anyway, and the completenessChecking store already
  *   hides any result whose blobs are not readable when it is served, which is
  *   the moment that matters.
+ * - Entries are kept per namespace (acNamespace(): the instance name, or
+ *   its alias, or "" for all with isolation off): a result written under
+ *   one instance is NOT_FOUND under another, so one tenant cannot poison
+ *   another's builds. The CAS stays shared: content-addressed blobs cannot
+ *   be poisoned, only added (what sharing still tells a tenant: whether a
+ *   blob of a digest it already knows exists).
  */
 export function createActionCacheService(deps: ServiceDeps): ServiceImpl<typeof ActionCache> {
   const { ac } = deps;
+  const instances = deps.instances ?? DEFAULT_INSTANCES;
 
   return {
     async getActionResult(req, ctx) {
       validateInstanceName(req.instanceName);
       checkDigestFunction(req.digestFunction);
       const action = fromProtoDigest(req.actionDigest, 'action_digest');
+      const namespace = acNamespace(instances, req.instanceName);
       let bytes: Uint8Array | undefined;
       try {
-        bytes = await readAtMost(await ac.get(action, { signal: ctx.signal }), MAX_ACTION_RESULT_BYTES);
+        bytes = await readAtMost(await ac.get(action, { signal: ctx.signal, namespace }), MAX_ACTION_RESULT_BYTES);
       } catch (err) {
         if (isCode(err, Code.NotFound)) throw missingResult(action, err as ConnectError);
         throw toConnectError(err);
       }
       if (bytes === undefined) {
-        deps.logger.warn({ action: digestString(action) }, `stored action result exceeds ${MAX_ACTION_RESULT_BYTES} bytes, ignoring it`);
+        deps.logger.warn({ action: digestString(action), namespace }, `stored action result exceeds ${MAX_ACTION_RESULT_BYTES} bytes, ignoring it`);
         throw new ConnectError(`no usable action result for action ${digestString(action)}: stored entry is too large`, Code.NotFound);
       }
       try {
         return fromBinary(ActionResultSchema, bytes);
       } catch (err) {
-        deps.logger.warn({ err, action: digestString(action) }, 'stored action result does not parse, ignoring it');
+        deps.logger.warn({ err, action: digestString(action), namespace }, 'stored action result does not parse, ignoring it');
         throw new ConnectError(`no usable action result for action ${digestString(action)}: stored entry does not parse`, Code.NotFound);
       }
     },
@@ -80,7 +89,7 @@ export function createActionCacheService(deps: ServiceDeps): ServiceImpl<typeof 
         );
       }
       try {
-        await ac.put(action, once(bytes), { signal: ctx.signal });
+        await ac.put(action, once(bytes), { signal: ctx.signal, namespace: acNamespace(instances, req.instanceName) });
       } catch (err) {
         throw toConnectError(err);
       }

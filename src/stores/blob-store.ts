@@ -1,8 +1,21 @@
 import type { Digest } from '../digest.ts';
+import { digestKey } from '../digest.ts';
 
 export interface CallOptions {
   /** Cancels the operation and any downstream shard call. */
   readonly signal?: AbortSignal | undefined;
+  /**
+   * Action-cache namespace of the call (see acNamespace() in
+   * services/instance-name.ts): the same action digest holds a separate
+   * entry in each namespace. "" or absent is the default namespace, where
+   * every entry written before namespaces existed lives. Only the AC tree
+   * honours it; CAS stores ignore it (content-addressed blobs are the same
+   * bytes whoever asks). Routers pass it down and carry it in everything
+   * they queue or record for later (hints, journal, copies); the remote
+   * store sends it as the REAPI instance name. Must be "" or a valid
+   * instance name (no control characters).
+   */
+  readonly namespace?: string | undefined;
 }
 
 export interface GetOptions extends CallOptions {
@@ -59,4 +72,20 @@ export interface BlobStore {
 
   /** Stops background work and releases resources. Idempotent. */
   close(): Promise<void>;
+}
+
+/**
+ * A string key for `digest` within an action-cache namespace, for routers'
+ * maps, queues and logs: digestKey(digest) in the default namespace (so keys
+ * recorded before namespaces existed keep their meaning), else the digest key,
+ * a NUL and the namespace. Unambiguous: digest keys are hex, digits and "/",
+ * and namespaces contain no control characters.
+ */
+export function namespacedKey(digest: Digest, namespace: string | undefined): string {
+  return namespace === undefined || namespace === '' ? digestKey(digest) : `${digestKey(digest)}\u0000${namespace}`;
+}
+
+/** A digest named for logs, with its namespace when it is not the default one. */
+export function namespacedName(digestName: string, namespace: string | undefined): string {
+  return namespace === undefined || namespace === '' ? digestName : `${digestName} (namespace ${JSON.stringify(namespace)})`;
 }

@@ -84,7 +84,7 @@ export class CompletenessCheckingStore implements BlobStore {
     const present = digests.filter((d) => !absentKeys.has(digestKey(d)));
     const incomplete = await mapLimit(present, FIND_MISSING_PARALLELISM, async (d) => {
       try {
-        await this.#readChecked(d, opts?.signal);
+        await this.#readChecked(d, opts);
         return false;
       } catch (err) {
         if (isCode(err, Code.NotFound)) return true;
@@ -95,7 +95,7 @@ export class CompletenessCheckingStore implements BlobStore {
   }
 
   async get(digest: Digest, opts?: GetOptions): Promise<AsyncIterable<Uint8Array>> {
-    const bytes = await this.#readChecked(digest, opts?.signal);
+    const bytes = await this.#readChecked(digest, opts);
     const { start, end } = resolveRange(bytes.byteLength, opts?.offset, opts?.limit);
     const slice = bytes.subarray(start, end);
     return (async function* () {
@@ -119,10 +119,12 @@ export class CompletenessCheckingStore implements BlobStore {
   }
 
   /** Returns the result's bytes, or rejects NOT_FOUND if it is absent or incomplete. */
-  async #readChecked(action: Digest, signal: AbortSignal | undefined): Promise<Uint8Array> {
+  async #readChecked(action: Digest, opts: CallOptions | undefined): Promise<Uint8Array> {
     // A miss in the backend is a plain miss; only a result that exists but
-    // cannot be vouched for counts as hidden.
-    const stream = await this.#backend.get(action, { signal });
+    // cannot be vouched for counts as hidden. The result is read in the
+    // caller's namespace; the CAS reads that check it are shared.
+    const signal = opts?.signal;
+    const stream = await this.#backend.get(action, { signal, namespace: opts?.namespace });
     try {
       return await this.#check(action, stream, signal);
     } catch (err) {

@@ -1,7 +1,7 @@
 import { Code } from '@connectrpc/connect';
 import type { Digest } from '../digest.ts';
-import { digestKey } from '../digest.ts';
 import { isCode, isInfrastructureError } from '../errors.ts';
+import { namespacedKey } from './blob-store.ts';
 
 /**
  * What a full CopyQueue does when one more item is added; the item given up
@@ -17,8 +17,11 @@ export type OverflowPolicy = 'drop-oldest' | 'reject-new';
 export type CopyOutcome = 'done' | 'vanished';
 
 export interface CopyJob {
+  /** namespacedKey(digest, namespace). */
   readonly key: string;
   readonly digest: Digest;
+  /** The AC namespace the copy reads and writes in ("" for the CAS and the default namespace). */
+  readonly namespace: string;
   /** The journal version being replayed; 0 for replication and repair. */
   seq: number;
   /** The newest version added while this job was in flight. */
@@ -44,7 +47,7 @@ export interface CopyQueueOptions {
   readonly run: (job: CopyJob, signal: AbortSignal) => Promise<CopyOutcome>;
   readonly onGiveUp: (job: CopyJob, err: unknown) => void;
   /** Called once per item given up for overflow (the dropped oldest, or the rejected new one). */
-  readonly onOverflow?: ((given: Digest) => void) | undefined;
+  readonly onOverflow?: ((given: Digest, namespace: string) => void) | undefined;
 }
 
 export interface CopyQueueStats {
@@ -59,8 +62,9 @@ export interface CopyQueueStats {
 
 /**
  * A bounded, deduplicated queue of background copies with a concurrency
- * limit and retries with backoff. Jobs name a digest only: the bytes are
- * streamed from the source when the job runs.
+ * limit and retries with backoff. Jobs name a digest (and, for the AC, its
+ * namespace: the same action in two namespaces is two jobs) only: the bytes
+ * are streamed from the source when the job runs.
  */
 export class CopyQueue {
   readonly overflowPolicy: OverflowPolicy;
@@ -81,10 +85,10 @@ export class CopyQueue {
     this.overflowPolicy = o.overflow;
   }
 
-  /** Queues a copy of `digest`; false if it was refused for overflow. */
-  add(digest: Digest, seq: number): boolean {
+  /** Queues a copy of `digest` in `namespace`; false if it was refused for overflow. */
+  add(digest: Digest, seq: number, namespace = ''): boolean {
     if (this.#o.signal.aborted) return false;
-    const key = digestKey(digest);
+    const key = namespacedKey(digest, namespace);
     const running = this.#inFlight.get(key);
     if (running !== undefined) {
       // Its copy may predate this version: it keeps deleting only its own
@@ -101,21 +105,21 @@ export class CopyQueue {
     if (this.#pending.size >= this.#o.maxQueue) {
       this.#overflow++;
       if (this.#o.overflow === 'reject-new') {
-        this.#o.onOverflow?.(digest);
+        this.#o.onOverflow?.(digest, namespace);
         return false;
       }
       const oldest = this.#pending.values().next().value!;
       this.#unqueue(oldest);
-      this.#o.onOverflow?.(oldest.digest);
+      this.#o.onOverflow?.(oldest.digest, oldest.namespace);
     }
-    const job: CopyJob = { key, digest, seq, nextSeq: seq, enqueuedAt: Date.now(), attempts: 0, again: false, timer: undefined };
+    const job: CopyJob = { key, digest, namespace, seq, nextSeq: seq, enqueuedAt: Date.now(), attempts: 0, again: false, timer: undefined };
     this.#pending.set(key, job);
     this.#ready.set(key, job);
     this.pump();
     return true;
   }
 
-  /** Forgets a waiting job (not one in flight). */
+  /** Forgets a waiting job (not one in flight); `key` as in CopyJob. */
   remove(key: string): void {
     const job = this.#pending.get(key);
     if (job !== undefined) this.#unqueue(job);
@@ -203,7 +207,7 @@ export class CopyQueue {
       }, backoffMs(job.attempts, this.#o.retryInitialMs, this.#o.retryMaxMs));
       job.timer.unref();
     } else if (job.again) {
-      this.add(job.digest, job.nextSeq);
+      this.add(job.digest, job.nextSeq, job.namespace);
     }
     this.pump();
   }

@@ -6,6 +6,7 @@ import { digestKey, digestString } from '../digest.ts';
 import { DurableLog, DurableLogFullError } from '../durable-log.ts';
 import { isCode, isInfrastructureError, throwIfAborted, toConnectError, withPrefix } from '../errors.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
+import { namespacedKey, namespacedName } from './blob-store.ts';
 import type { BreakerTransition, CircuitBreakerOptions } from './circuit-breaker.ts';
 import { CircuitBreaker } from './circuit-breaker.ts';
 import type { CopyJob, CopyOutcome, OverflowPolicy } from './copy-queue.ts';
@@ -57,6 +58,12 @@ export interface JournalRecord {
   readonly size: number;
   /** When the secondary accepted it (ms since the epoch). */
   readonly at: number;
+  /**
+   * The AC namespace it was written in; absent for the default namespace ""
+   * (and in every record written before namespaces existed, which so replay
+   * as ""). The record's key is namespacedKey(digest, ns).
+   */
+  readonly ns?: string | undefined;
 }
 
 export interface FallbackStoreOptions {
@@ -176,7 +183,11 @@ const PROBE_DIGEST: Digest = Object.freeze({ hash: '0'.repeat(64), size: 1 });
  * For the AC (mutable values) the copies can race: a replay or repair in
  * flight can overwrite a newer value with an older one. A write the primary
  * accepts removes the key's pending journal entry to keep that window small;
- * an older ActionResult for the same action is still a valid one.
+ * an older ActionResult for the same action is still a valid one. AC
+ * namespaces (CallOptions.namespace) are kept apart throughout: replication,
+ * repair and replay jobs, and journal records (`ns`, absent for the default
+ * namespace, so journals of earlier versions replay as ""), each carry the
+ * namespace of the write they copy.
  *
  * Config (the CAS and AC trees each need their own journalDir):
  * ```json
@@ -206,7 +217,7 @@ export class FallbackStore implements BlobStore {
   // Replication overflows not yet reported in a log line, and when the last line went out.
   #overflowUnlogged = 0;
   #overflowLoggedAt = Number.NEGATIVE_INFINITY;
-  #overflowLast: Digest | undefined;
+  #overflowLast: string | undefined;
   #overflowTimer: NodeJS.Timeout | undefined;
   #healthRunning: Promise<void> | undefined;
   #closePromise: Promise<void> | undefined;
@@ -245,8 +256,8 @@ export class FallbackStore implements BlobStore {
       signal: this.#closing.signal,
       canRun: primaryUp,
       run: (job, signal) => this.#replicate(job, signal),
-      onGiveUp: (job, err) => this.#log?.warn({ blob: digestString(job.digest), err: describe(err) }, 'fallback: replication to the secondary failed'),
-      onOverflow: (given) => this.#replicationOverflowed(given),
+      onGiveUp: (job, err) => this.#log?.warn({ blob: jobName(job), err: describe(err) }, 'fallback: replication to the secondary failed'),
+      onOverflow: (given, namespace) => this.#replicationOverflowed(given, namespace),
     });
     const replay = opts.replay ?? {};
     const maxNotFound = positive(replay.maxNotFound ?? 3, 'replay.maxNotFound');
@@ -263,7 +274,7 @@ export class FallbackStore implements BlobStore {
       canRun: primaryUp,
       run: (job, signal) => this.#replayOne(job, signal, maxNotFound),
       onGiveUp: (job, err) => {
-        this.#log?.error({ blob: digestString(job.digest), err: describe(err) }, 'fallback: journaled blob cannot be replayed to the primary; giving it up');
+        this.#log?.error({ blob: jobName(job), err: describe(err) }, 'fallback: journaled blob cannot be replayed to the primary; giving it up');
         void this.#journal.delete(job.key, job.seq).catch(() => {});
       },
     });
@@ -280,7 +291,7 @@ export class FallbackStore implements BlobStore {
       signal: this.#closing.signal,
       canRun: primaryUp,
       run: (job, signal) => this.#repairOne(job, signal),
-      onGiveUp: (job, err) => this.#log?.warn({ blob: digestString(job.digest), err: describe(err) }, 'fallback: read repair failed'),
+      onGiveUp: (job, err) => this.#log?.warn({ blob: jobName(job), err: describe(err) }, 'fallback: read repair failed'),
     });
 
     this.#breaker.on('transition', (t: BreakerTransition) => {
@@ -291,7 +302,8 @@ export class FallbackStore implements BlobStore {
 
     // Whatever a previous run journaled is replayed once the primary is up.
     for (const e of this.#journal.entries()) {
-      this.#replay.add({ hash: e.value.hash, size: e.value.size }, e.seq);
+      const ns = typeof e.value.ns === 'string' ? e.value.ns : '';
+      this.#replay.add({ hash: e.value.hash, size: e.value.size }, e.seq, ns);
     }
     this.#scheduleHealthCheck();
   }
@@ -342,7 +354,7 @@ export class FallbackStore implements BlobStore {
         }
         const stillMissing = new Set(onSecondary.map(digestKey));
         for (const d of onPrimary) {
-          if (!stillMissing.has(digestKey(d))) this.#queueRepair(d);
+          if (!stillMissing.has(digestKey(d))) this.#queueRepair(d, opts?.namespace ?? '');
         }
         return onSecondary;
       }
@@ -377,7 +389,7 @@ export class FallbackStore implements BlobStore {
       } catch (err) {
         throw withPrefix('secondary', err);
       }
-      if (primaryMiss) this.#queueRepair(digest);
+      if (primaryMiss) this.#queueRepair(digest, opts?.namespace ?? '');
       return stream;
     }
     try {
@@ -428,14 +440,15 @@ export class FallbackStore implements BlobStore {
     }
     source.dispose();
     this.#breaker.recordSuccess();
-    const key = digestKey(digest);
+    const namespace = opts?.namespace ?? '';
+    const key = namespacedKey(digest, namespace);
     if (this.#journal.has(key)) {
       // The primary now holds this (possibly newer) value: replaying the
       // secondary's copy would at best be redundant.
       this.#replay.remove(key);
       void this.#journal.delete(key).catch(() => {});
     }
-    this.#replication.add(digest, 0);
+    this.#replication.add(digest, 0, namespace);
   }
 
   describe(): StoreDescription {
@@ -535,7 +548,8 @@ export class FallbackStore implements BlobStore {
 
   /** Writes to the secondary and journals the write before acknowledging it. */
   async #putOnSecondary(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void> {
-    const key = digestKey(digest);
+    const namespace = opts?.namespace ?? '';
+    const key = namespacedKey(digest, namespace);
     if (!this.#journal.has(key) && this.#journal.size >= this.#journal.maxEntries) {
       throw new ConnectError(
         `fallback: primary is unavailable and the catch-up journal is full (${this.#journal.maxEntries} entries); refusing the write`,
@@ -549,12 +563,13 @@ export class FallbackStore implements BlobStore {
     }
     let seq: number;
     try {
-      seq = await this.#journal.append(key, { hash: digest.hash, size: digest.size, at: Date.now() });
+      const record: JournalRecord = { hash: digest.hash, size: digest.size, at: Date.now(), ...(namespace === '' ? {} : { ns: namespace }) };
+      seq = await this.#journal.append(key, record);
     } catch (err) {
       const why = err instanceof DurableLogFullError ? 'the catch-up journal is full' : `journaling failed: ${describe(err)}`;
       throw new ConnectError(`fallback: primary is unavailable and ${why}; refusing the write`, Code.Unavailable, undefined, undefined, err);
     }
-    this.#replay.add(digest, seq);
+    this.#replay.add(digest, seq, namespace);
   }
 
   /**
@@ -563,9 +578,9 @@ export class FallbackStore implements BlobStore {
    * rest summed into at most one line per OVERFLOW_LOG_INTERVAL_MS (a
    * trailing line reports the end of a burst).
    */
-  #replicationOverflowed(given: Digest): void {
+  #replicationOverflowed(given: Digest, namespace: string): void {
     this.#overflowUnlogged++;
-    this.#overflowLast = given;
+    this.#overflowLast = namespacedName(digestString(given), namespace);
     if (this.#overflowTimer !== undefined) return;
     const wait = this.#overflowLoggedAt + OVERFLOW_LOG_INTERVAL_MS - Date.now();
     if (wait <= 0) {
@@ -589,7 +604,7 @@ export class FallbackStore implements BlobStore {
         overflowTotal: stats.overflow,
         policy,
         queued: stats.queued,
-        lastGivenUp: this.#overflowLast === undefined ? undefined : digestString(this.#overflowLast),
+        lastGivenUp: this.#overflowLast,
       },
       `fallback: replication queue full; ${this.#overflowUnlogged} blob(s) will not be copied to the secondary (${policy})`,
     );
@@ -597,16 +612,16 @@ export class FallbackStore implements BlobStore {
     this.#overflowLoggedAt = Date.now();
   }
 
-  #queueRepair(digest: Digest): void {
+  #queueRepair(digest: Digest, namespace: string): void {
     // A journaled blob is on its way to the primary already.
-    if (this.#journal.has(digestKey(digest))) return;
-    this.#repairs.add(digest, 0);
+    if (this.#journal.has(namespacedKey(digest, namespace))) return;
+    this.#repairs.add(digest, 0, namespace);
   }
 
   async #replicate(job: CopyJob, signal: AbortSignal): Promise<CopyOutcome> {
     let stream: AsyncIterable<Uint8Array>;
     try {
-      stream = await this.#primary.get(job.digest, { signal });
+      stream = await this.#primary.get(job.digest, { signal, namespace: job.namespace });
       this.#breaker.recordSuccess();
     } catch (err) {
       if (isCode(err, Code.NotFound)) return 'vanished';
@@ -614,7 +629,7 @@ export class FallbackStore implements BlobStore {
       throw withPrefix('primary', err);
     }
     try {
-      await this.#secondary.put(job.digest, stream, { signal });
+      await this.#secondary.put(job.digest, stream, { signal, namespace: job.namespace });
     } catch (err) {
       throw withPrefix('secondary', err);
     }
@@ -622,23 +637,24 @@ export class FallbackStore implements BlobStore {
   }
 
   async #replayOne(job: CopyJob, signal: AbortSignal, maxNotFound: number): Promise<CopyOutcome> {
+    const { namespace } = job;
     let stream: AsyncIterable<Uint8Array>;
     try {
-      stream = await this.#secondary.get(job.digest, { signal });
+      stream = await this.#secondary.get(job.digest, { signal, namespace });
     } catch (err) {
       if (!isCode(err, Code.NotFound)) throw withPrefix('secondary', err);
       // Replayed before a crash but the removal was not yet durable?
-      const missing = await this.#primary.findMissing([job.digest], { signal });
+      const missing = await this.#primary.findMissing([job.digest], { signal, namespace });
       if (missing.length === 0) {
         void this.#journal.delete(job.key, job.seq).catch(() => {});
         return 'done';
       }
       if (job.attempts < maxNotFound) throw withPrefix('secondary', err);
-      this.#log?.error({ blob: digestString(job.digest) }, 'fallback: journaled blob is on neither backend any more; giving it up');
+      this.#log?.error({ blob: jobName(job) }, 'fallback: journaled blob is on neither backend any more; giving it up');
       void this.#journal.delete(job.key, job.seq).catch(() => {});
       return 'vanished';
     }
-    await this.#copyToPrimary(job.digest, stream, signal);
+    await this.#copyToPrimary(job.digest, namespace, stream, signal);
     // Only now, with the primary holding the blob, does the entry go. The
     // removal need not be durable before we go on: losing it to a crash only
     // means one more (idempotent) replay after the restart.
@@ -651,19 +667,19 @@ export class FallbackStore implements BlobStore {
   async #repairOne(job: CopyJob, signal: AbortSignal): Promise<CopyOutcome> {
     let stream: AsyncIterable<Uint8Array>;
     try {
-      stream = await this.#secondary.get(job.digest, { signal });
+      stream = await this.#secondary.get(job.digest, { signal, namespace: job.namespace });
     } catch (err) {
       if (isCode(err, Code.NotFound)) return 'vanished';
       throw withPrefix('secondary', err);
     }
-    await this.#copyToPrimary(job.digest, stream, signal);
+    await this.#copyToPrimary(job.digest, job.namespace, stream, signal);
     return 'done';
   }
 
   /** The last step of a replay or repair; its outcome feeds the primary's breaker. */
-  async #copyToPrimary(digest: Digest, stream: AsyncIterable<Uint8Array>, signal: AbortSignal): Promise<void> {
+  async #copyToPrimary(digest: Digest, namespace: string, stream: AsyncIterable<Uint8Array>, signal: AbortSignal): Promise<void> {
     try {
-      await this.#primary.put(digest, stream, { signal });
+      await this.#primary.put(digest, stream, { signal, namespace });
       this.#breaker.recordSuccess();
     } catch (err) {
       if (!signal.aborted) this.#breaker.recordFailure(err);
@@ -713,6 +729,10 @@ function positive(n: number, what: string): number {
 function overflowPolicy(p: string): OverflowPolicy {
   if (p === 'drop-oldest' || p === 'reject-new') return p;
   throw new RangeError(`fallback store: replication.overflow ${JSON.stringify(p)} must be "drop-oldest" or "reject-new"`);
+}
+
+function jobName(job: CopyJob): string {
+  return namespacedName(digestString(job.digest), job.namespace);
 }
 
 function describe(err: unknown): string {

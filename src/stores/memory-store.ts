@@ -3,6 +3,7 @@ import { digestKey, isEmptyDigest } from '../digest.ts';
 import { notFound, throwIfAborted } from '../errors.ts';
 import { collect, resolveRange, verifying } from '../streams.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
+import { namespacedKey } from './blob-store.ts';
 
 export interface MemoryStoreOptions {
   /** Evict least recently used blobs beyond this many bytes. */
@@ -17,7 +18,9 @@ export interface MemoryStoreOptions {
 /**
  * Blobs in RAM with an LRU size cap: the same contract as the disk store, for
  * tests and small caches. FindMissing and reads refresh recency, since Bazel
- * treats FindMissing as a lease on the blob.
+ * treats FindMissing as a lease on the blob. In the AC, entries are keyed by
+ * (namespace, digest) (see CallOptions.namespace), all under one size cap;
+ * the CAS ignores namespaces.
  *
  * Config: `{"memory": {"maxSizeBytes": 1073741824}}`
  */
@@ -38,14 +41,14 @@ export class MemoryStore implements BlobStore {
     const missing: Digest[] = [];
     for (const d of digests) {
       if (this.#opts.contentAddressed && isEmptyDigest(d)) continue;
-      if (this.#touch(digestKey(d)) === undefined) missing.push(d);
+      if (this.#touch(this.#key(d, opts)) === undefined) missing.push(d);
     }
     return missing;
   }
 
   async get(digest: Digest, opts?: GetOptions): Promise<AsyncIterable<Uint8Array>> {
     throwIfAborted(opts?.signal);
-    let data = this.#touch(digestKey(digest));
+    let data = this.#touch(this.#key(digest, opts));
     if (data === undefined) {
       if (!(this.#opts.contentAddressed && isEmptyDigest(digest))) throw notFound(digest);
       data = new Uint8Array(0);
@@ -63,7 +66,7 @@ export class MemoryStore implements BlobStore {
     // Copy: callers may reuse their buffers after put() resolves.
     const data = Uint8Array.from(await collect(source));
     throwIfAborted(opts?.signal);
-    const key = digestKey(digest);
+    const key = this.#key(digest, opts);
     const old = this.#blobs.get(key);
     if (old !== undefined) {
       this.#bytes -= old.byteLength;
@@ -87,6 +90,10 @@ export class MemoryStore implements BlobStore {
   async close(): Promise<void> {
     this.#blobs.clear();
     this.#bytes = 0;
+  }
+
+  #key(digest: Digest, opts: CallOptions | undefined): string {
+    return this.#opts.contentAddressed ? digestKey(digest) : namespacedKey(digest, opts?.namespace);
   }
 
   #touch(key: string): Uint8Array | undefined {

@@ -1,6 +1,7 @@
 import { fromBinary, toBinary } from '@bufbuild/protobuf';
 import type { Client } from '@connectrpc/connect';
 import { Code, ConnectError, createClient } from '@connectrpc/connect';
+import type * as http2 from 'node:http2';
 import type { Logger } from 'pino';
 import type { Digest } from '../digest.ts';
 import { digestKey, digestString, isEmptyDigest, toProtoDigest } from '../digest.ts';
@@ -65,15 +66,20 @@ export interface RemoteStoreOptions {
   /** Deadline of one health check (grpc.health.v1 Check or GetCapabilities). Default 1 s. */
   readonly healthTimeoutMs?: number | undefined;
   readonly logger?: Logger | undefined;
-  /** Builds the transport; tests use it to watch the wire. Default createShardTransport. */
+  /** Builds the transport; tests use it to watch the wire. Default createShardTransport with `tls` and `bearerToken`. */
   readonly transport?: ((url: string) => ShardTransport) | undefined;
+  /** For https:// shards: CA, client certificate and key, server name (node:http2 connect options). */
+  readonly tls?: http2.SecureClientSessionOptions | undefined;
+  /** Sent as `authorization: Bearer <token>` on every call (see createShardTransport). */
+  readonly bearerToken?: string | undefined;
 }
 
 /**
  * A shard reached over gRPC: any REAPI v2 server (this project's storage node,
  * bb-storage, bazel-remote, NativeLink). The CAS tree maps to FindMissingBlobs
  * and ByteStream Read/Write, the AC tree to GetActionResult and
- * UpdateActionResult, with ActionResults as their serialized bytes.
+ * UpdateActionResult, with ActionResults as their serialized bytes; an AC
+ * call's namespace is sent as (part of) its instance name (acInstanceName()).
  *
  * Use it as the leaf under a sharding or fallback store. All calls share one
  * HTTP/2 session, re-opened after the shard restarts.
@@ -130,7 +136,7 @@ export class RemoteStore implements BlobStore {
     this.#writeChunkBytes = Math.min(Math.max(opts.writeChunkBytes ?? WRITE_CHUNK_BYTES, 1024), 1024 * 1024);
     this.#log = opts.logger;
     this.#prefix = `remote ${this.name}`;
-    this.#transport = (opts.transport ?? ((url) => createShardTransport({ url })))(opts.url);
+    this.#transport = (opts.transport ?? ((url) => createShardTransport({ url, tls: opts.tls, bearerToken: opts.bearerToken })))(opts.url);
     const t = this.#transport.transport;
     this.#cas = createClient(ContentAddressableStorage, t);
     this.#ac = createClient(ActionCache, t);
@@ -168,7 +174,10 @@ export class RemoteStore implements BlobStore {
     }
     const unique = [...byKey.values()].map((same) => same[0]!);
     if (unique.length === 0) return [];
-    const missingKeys = this.#tree === 'cas' ? await this.#findMissingBlobs(unique, opts?.signal) : await this.#probeActions(unique, opts?.signal);
+    const missingKeys =
+      this.#tree === 'cas'
+        ? await this.#findMissingBlobs(unique, opts?.signal)
+        : await this.#probeActions(unique, this.acInstanceName(opts?.namespace), opts?.signal);
     const missing: Digest[] = [];
     for (const key of missingKeys) missing.push(...(byKey.get(key) ?? []));
     return missing;
@@ -179,7 +188,7 @@ export class RemoteStore implements BlobStore {
     if (this.#tree === 'ac') {
       const result = await this.#unary(opts?.signal, (signal) =>
         this.#ac.getActionResult(
-          { instanceName: this.instanceName, actionDigest: toProtoDigest(digest) },
+          { instanceName: this.acInstanceName(opts?.namespace), actionDigest: toProtoDigest(digest) },
           { signal, timeoutMs: this.#timeoutMs },
         ),
       );
@@ -216,7 +225,7 @@ export class RemoteStore implements BlobStore {
       this.#bytesOut += bytes.byteLength;
       await this.#unary(opts?.signal, (signal) =>
         this.#ac.updateActionResult(
-          { instanceName: this.instanceName, actionDigest: toProtoDigest(digest), actionResult },
+          { instanceName: this.acInstanceName(opts?.namespace), actionDigest: toProtoDigest(digest), actionResult },
           { signal, timeoutMs: this.#timeoutMs },
         ),
       );
@@ -320,12 +329,12 @@ export class RemoteStore implements BlobStore {
 
   // --- AC ------------------------------------------------------------------
 
-  async #probeActions(digests: readonly Digest[], signal: AbortSignal | undefined): Promise<string[]> {
+  async #probeActions(digests: readonly Digest[], instanceName: string, signal: AbortSignal | undefined): Promise<string[]> {
     const found = await mapLimitCancelling(digests, AC_PROBE_PARALLEL, signal, async (d, s) => {
       try {
         await this.#unary(s, (s2) =>
           this.#ac.getActionResult(
-            { instanceName: this.instanceName, actionDigest: toProtoDigest(d) },
+            { instanceName, actionDigest: toProtoDigest(d) },
             { signal: s2, timeoutMs: this.#timeoutMs },
           ),
         );
@@ -336,6 +345,19 @@ export class RemoteStore implements BlobStore {
       }
     });
     return found.filter((k): k is string => k !== undefined);
+  }
+
+  /**
+   * The instance name an AC call in `namespace` is sent under: the
+   * configured instance name and the namespace joined by "/" ("cfg/ns"),
+   * or whichever of the two is not empty. A storage node behind this edge,
+   * isolating by instance name with its default config, so keeps every
+   * namespace apart, and entries of the default namespace stay where they
+   * were before namespaces existed.
+   */
+  acInstanceName(namespace: string | undefined): string {
+    if (namespace === undefined || namespace === '') return this.instanceName;
+    return this.instanceName === '' ? namespace : `${this.instanceName}/${namespace}`;
   }
 
   // --- plumbing ------------------------------------------------------------

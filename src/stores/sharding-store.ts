@@ -8,6 +8,7 @@ import { digestKey, digestOf, digestString, parseDigest } from '../digest.ts';
 import { DurableLog, type DurableLogFormat, type LogEntry } from '../durable-log.ts';
 import { isCode, isInfrastructureError, notFound, throwIfAborted, toConnectError, withPrefix } from '../errors.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
+import { namespacedKey, namespacedName } from './blob-store.ts';
 import { CircuitBreaker, type BreakerTransition, type CircuitBreakerOptions } from './circuit-breaker.ts';
 import { ExistenceCache, type ExistenceCacheOptions } from './existence-cache.ts';
 import { ProbeWindows } from './probe-window.ts';
@@ -92,9 +93,11 @@ interface WaitingCall {
   readonly retryable: () => boolean;
 }
 
-/** A pending handoff, keyed in the hint log by hintKey(digest, standIn). */
+/** A pending handoff, keyed in the hint log by hintKey(digest, standIn, namespace). */
 interface Hint {
   readonly digest: Digest;
+  /** The AC namespace the blob was written in; "" for the CAS and the default namespace. */
+  readonly namespace: string;
   /** The shard the blob belongs to (top of the ranking, whatever its state). */
   readonly owner: string;
   /** The shard that holds it until the handoff copies it to the owner. */
@@ -158,6 +161,11 @@ const PROBE_DIGEST = digestOf(new TextEncoder().encode('reapi-edge shard health 
  * UNAVAILABLE and counted (`hintOverflows`): accepting them unhinted could
  * let FindMissing vouch for a blob that a later read, once probing stops,
  * would not find; a refused upload is only a retried upload.
+ *
+ * AC namespaces (CallOptions.namespace): placement is by digest alone, so an
+ * action's entries in every namespace live on the same shards; the
+ * namespace goes down with every shard call, and the hints, existence cache
+ * and handoff copies are keyed by (digest, namespace).
  *
  * Reads and FindMissing: ask the owner; on NOT_FOUND ask the stand-ins a
  * pending hint names for that digest, and, only while probing can matter
@@ -281,6 +289,7 @@ export class ShardingStore implements BlobStore {
     this.#checkOpen();
     throwIfAborted(opts?.signal);
     if (digests.length === 0) return [];
+    const namespace = opts?.namespace ?? '';
     const avail = this.#available();
     const now = this.#now();
     const cache = this.#exists.size > 0 ? this.#exists : undefined;
@@ -288,10 +297,10 @@ export class ShardingStore implements BlobStore {
     // follow; null: answered present from the cache by a shard in that plan.
     const entries = new Map<string, MissingEntry | null>();
     for (const d of digests) {
-      const key = digestKey(d);
+      const key = namespacedKey(d, namespace);
       if (entries.has(key)) continue;
       const ranked = this.#ranked(d);
-      const { plan, probing } = this.#readPlan(d, ranked, avail, now);
+      const { plan, probing } = this.#readPlan(d, namespace, ranked, avail, now);
       const holder = cache?.holder(key);
       if (holder !== undefined && plan.includes(holder)) {
         cache!.hit();
@@ -312,7 +321,9 @@ export class ShardingStore implements BlobStore {
     const ask = async (shard: Shard, group: MissingEntry[]): Promise<void> => {
       const epoch = this.#exists.epoch(shard);
       try {
-        const missing = await this.#call(shard, signal, (s) => shard.store.findMissing(group.map((e) => e.digest), { signal: s }));
+        const missing = await this.#call(shard, signal, (s) =>
+          shard.store.findMissing(group.map((e) => e.digest), { signal: s, namespace: opts?.namespace }),
+        );
         const isMissing = missingTest(group, missing);
         for (const e of group) {
           e.pending--;
@@ -360,8 +371,8 @@ export class ShardingStore implements BlobStore {
     throwIfAborted(signal);
     const avail = this.#available();
     const ranked = this.#ranked(digest);
-    const { plan, unreachable } = this.#readPlan(digest, ranked, avail, this.#now());
-    const key = digestKey(digest);
+    const { plan, unreachable } = this.#readPlan(digest, opts?.namespace ?? '', ranked, avail, this.#now());
+    const key = namespacedKey(digest, opts?.namespace);
     let infraError: ConnectError | undefined;
     let notFoundError: ConnectError | undefined;
     for (let i = 0; i < plan.length; i++) {
@@ -369,7 +380,7 @@ export class ShardingStore implements BlobStore {
       const epoch = this.#exists.epoch(shard);
       try {
         const stream = await this.#call(shard, signal, (s) =>
-          shard.store.get(digest, { offset: opts?.offset, limit: opts?.limit, signal: s }),
+          shard.store.get(digest, { offset: opts?.offset, limit: opts?.limit, signal: s, namespace: opts?.namespace }),
         );
         if (i > 0) this.#probeHits++;
         this.#exists.confirm(key, shard, epoch);
@@ -390,7 +401,7 @@ export class ShardingStore implements BlobStore {
     if (infraError !== undefined) throw infraError;
     if (unreachable.length > 0) {
       throw new ConnectError(
-        `blob ${digestString(digest)} is held by shard ${unreachable.join(', ')}, which is not taking traffic`,
+        `blob ${namespacedName(digestString(digest), opts?.namespace)} is held by shard ${unreachable.join(', ')}, which is not taking traffic`,
         Code.Unavailable,
       );
     }
@@ -401,6 +412,7 @@ export class ShardingStore implements BlobStore {
     this.#checkOpen();
     const signal = opts?.signal;
     throwIfAborted(signal);
+    const namespace = opts?.namespace ?? '';
     const avail = this.#available();
     const ranked = this.#ranked(digest);
     const owner = ranked[0]!; // the true owner, whatever its state
@@ -409,7 +421,7 @@ export class ShardingStore implements BlobStore {
     try {
       let target = candidates[0]!;
       for (let attempt = 0; ; attempt++) {
-        const needsHint = target !== owner && !this.#hints.has(hintKey(digest, target.name));
+        const needsHint = target !== owner && !this.#hints.has(hintKey(digest, target.name, namespace));
         if (needsHint && !this.#reserveHint()) {
           this.#hintOverflows++;
           throw new ConnectError(
@@ -426,7 +438,7 @@ export class ShardingStore implements BlobStore {
           await this.#call(
             target,
             signal,
-            (s) => target.store.put(digest, this.#writeStream(target, source.stream()), { signal: s }),
+            (s) => target.store.put(digest, this.#writeStream(target, source.stream()), { signal: s, namespace: opts?.namespace }),
             retryable,
           );
         } catch (err) {
@@ -445,7 +457,7 @@ export class ShardingStore implements BlobStore {
         if (needsHint) {
           this.#hintsReserved--;
           try {
-            await this.#hints.append(hintKey(digest, target.name), { digest, owner: owner.name, standIn: target.name });
+            await this.#hints.append(hintKey(digest, target.name, namespace), { digest, namespace, owner: owner.name, standIn: target.name });
           } catch (err) {
             throw new ConnectError(
               `blob ${digestString(digest)} stored on shard ${target.name}, but its hint could not be made durable: ${toConnectError(err).message}`,
@@ -453,7 +465,7 @@ export class ShardingStore implements BlobStore {
             );
           }
         }
-        this.#exists.confirm(digestKey(digest), target, epoch);
+        this.#exists.confirm(namespacedKey(digest, namespace), target, epoch);
         return;
       }
     } finally {
@@ -578,7 +590,13 @@ export class ShardingStore implements BlobStore {
    * `unreachable` lists hinted stand-ins not taking traffic; `probing` says
    * whether probes were added. `all` is #ranked(digest).
    */
-  #readPlan(digest: Digest, all: Shard[], avail: Set<Shard>, now: number): { plan: Shard[]; unreachable: string[]; probing: boolean } {
+  #readPlan(
+    digest: Digest,
+    namespace: string,
+    all: Shard[],
+    avail: Set<Shard>,
+    now: number,
+  ): { plan: Shard[]; unreachable: string[]; probing: boolean } {
     let i = 0;
     while (!avail.has(all[i]!)) i++; // avail is never empty (#available)
     const owner = all[i]!;
@@ -586,7 +604,7 @@ export class ShardingStore implements BlobStore {
     const unreachable: string[] = [];
     if (this.#hints.size > 0) {
       for (const shard of all) {
-        if (!this.#hints.has(hintKey(digest, shard.name))) continue;
+        if (!this.#hints.has(hintKey(digest, shard.name, namespace))) continue;
         if (!avail.has(shard)) unreachable.push(shard.name);
         else if (!plan.includes(shard)) plan.push(shard);
       }
@@ -774,18 +792,19 @@ export class ShardingStore implements BlobStore {
     if (signal.aborted) return;
     const owner = this.#byName.get(h.owner)!;
     const standIn = this.#byName.get(h.standIn)!;
-    const what = { digest: digestString(h.digest), owner: owner.name, standIn: standIn.name };
+    const what = { digest: namespacedName(digestString(h.digest), h.namespace), owner: owner.name, standIn: standIn.name };
     const epoch = this.#exists.epoch(owner);
+    const namespace = h.namespace;
     try {
-      const missing = await this.#call(owner, signal, (s) => owner.store.findMissing([h.digest], { signal: s }));
+      const missing = await this.#call(owner, signal, (s) => owner.store.findMissing([h.digest], { signal: s, namespace }));
       if (missing.length > 0) {
-        const stream = await this.#call(standIn, signal, (s) => standIn.store.get(h.digest, { signal: s }));
+        const stream = await this.#call(standIn, signal, (s) => standIn.store.get(h.digest, { signal: s, namespace }));
         await this.#call(owner, signal, (s) =>
-          owner.store.put(h.digest, this.#writeStream(owner, this.#readStream(standIn, stream, s)), { signal: s }),
+          owner.store.put(h.digest, this.#writeStream(owner, this.#readStream(standIn, stream, s)), { signal: s, namespace }),
         );
       }
       this.#handoffCopied++;
-      this.#exists.confirm(digestKey(h.digest), owner, epoch);
+      this.#exists.confirm(namespacedKey(h.digest, namespace), owner, epoch);
       this.#log?.debug(what, 'handoff: blob is on its owner');
     } catch (err) {
       if (signal.aborted) return;
@@ -840,18 +859,25 @@ function missingTest(group: readonly MissingEntry[], missing: readonly Digest[])
   for (const e of group) if (refs.has(e.digest)) matched++;
   if (matched === refs.size) return (e) => refs.has(e.digest);
   const keys = new Set(missing.map(digestKey));
-  return (e) => keys.has(e.key);
+  return (e) => keys.has(digestKey(e.digest));
 }
 
 const HINT_FILE = 'hints.jsonl';
 
-function hintKey(digest: Digest, standIn: string): string {
-  return `${digestKey(digest)} ${standIn}`;
+/**
+ * "<hash>/<size> <standIn>" in the default namespace (as before namespaces
+ * existed), "<hash>/<size>\0<namespace>\0 <standIn>" in any other: a
+ * namespace has no NUL, so the key is unambiguous whatever the names hold.
+ */
+function hintKey(digest: Digest, standIn: string, namespace: string): string {
+  return namespace === '' ? `${digestKey(digest)} ${standIn}` : `${namespacedKey(digest, namespace)}\u0000 ${standIn}`;
 }
 
 /**
- * The hint log's lines: {"op":"add"|"done", hash, size, owner, standIn}, no
- * sequence numbers (see DurableLogFormat).
+ * The hint log's lines: {"op":"add"|"done", hash, size, owner, standIn, ns},
+ * no sequence numbers (see DurableLogFormat). `ns`, the AC namespace, is left
+ * out for the default namespace, so hint logs written before namespaces
+ * existed read as "".
  */
 const HINT_FORMAT: DurableLogFormat<Hint> = {
   put: (e) => hintLine('add', e.value),
@@ -861,14 +887,17 @@ const HINT_FORMAT: DurableLogFormat<Hint> = {
     if ((v.op !== 'add' && v.op !== 'done') || typeof v.owner !== 'string' || typeof v.standIn !== 'string') {
       return 'not a hint';
     }
+    if (v.ns !== undefined && typeof v.ns !== 'string') return 'not a hint (ns is not a string)';
+    const namespace = v.ns ?? '';
     const digest = parseDigest(String(v.hash), Number(v.size));
-    const key = hintKey(digest, v.standIn);
-    return v.op === 'add' ? { key, value: { digest, owner: v.owner, standIn: v.standIn } } : { key, deleted: true };
+    const key = hintKey(digest, v.standIn, namespace);
+    return v.op === 'add' ? { key, value: { digest, namespace, owner: v.owner, standIn: v.standIn } } : { key, deleted: true };
   },
 };
 
 function hintLine(op: 'add' | 'done', h: Hint): string {
-  return JSON.stringify({ op, hash: h.digest.hash, size: h.digest.size, owner: h.owner, standIn: h.standIn });
+  const ns = h.namespace === '' ? {} : { ns: h.namespace };
+  return JSON.stringify({ op, hash: h.digest.hash, size: h.digest.size, owner: h.owner, standIn: h.standIn, ...ns });
 }
 
 /**

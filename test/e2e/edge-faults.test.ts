@@ -318,7 +318,8 @@ async function waitForHandoff(c: Cluster, victim: string, written: Awaited<Retur
       let actions = 0;
       for (const { action } of written.actions) {
         try {
-          await direct.ac.getActionResult({ instanceName: '', actionDigest: action }, { timeoutMs: 5000 });
+          // The edge isolates the AC by instance name: the shard stores the entry under INSTANCE.
+          await direct.ac.getActionResult({ instanceName: INSTANCE, actionDigest: action }, { timeoutMs: 5000 });
         } catch {
           actions++;
         }

@@ -1,4 +1,4 @@
-import { create, equals } from '@bufbuild/protobuf';
+import { create, equals, toBinary } from '@bufbuild/protobuf';
 import type { MessageInitShape } from '@bufbuild/protobuf';
 import type { Client } from '@connectrpc/connect';
 import { Code, ConnectError, createClient, createRouterTransport } from '@connectrpc/connect';
@@ -14,10 +14,11 @@ import { CompletenessCheckingStore } from '../../src/stores/completeness-checkin
 import { MemoryStore } from '../../src/stores/memory-store.ts';
 import { once } from '../../src/streams.ts';
 import { failure } from '../helpers/failure.ts';
+import type { InstancesConfig } from '../../src/config.ts';
 
 const enc = new TextEncoder();
 
-function setup(opts: { completenessChecking?: boolean } = {}): {
+function setup(opts: { completenessChecking?: boolean; instances?: InstancesConfig } = {}): {
   client: Client<typeof ActionCache>;
   cas: MemoryStore;
   acBackend: MemoryStore;
@@ -31,6 +32,7 @@ function setup(opts: { completenessChecking?: boolean } = {}): {
     logger: pino({ level: 'silent' }),
     maxBatchTotalSizeBytes: 4 * 1024 * 1024,
     isReady: () => true,
+    instances: opts.instances,
   });
   const transport = createRouterTransport((router) => {
     router.service(ActionCache, service);
@@ -241,4 +243,80 @@ t.test('AC infrastructure errors keep their code', async (t) => {
   const putErr = await failure(client.updateActionResult({ actionDigest: toProtoDigest(action), actionResult: {} }));
   t.equal(putErr.code, Code.Unavailable);
   t.equal(putErr.rawMessage, 'shard a: connection refused');
+});
+
+// --- instance isolation (issue 11) ------------------------------------------
+
+/** exitCode of the result GetActionResult returns under `instanceName`, or 'not-found'. */
+async function exitCodeUnder(client: Client<typeof ActionCache>, instanceName: string): Promise<number | string> {
+  try {
+    return (await client.getActionResult({ instanceName, actionDigest: toProtoDigest(action) })).exitCode;
+  } catch (err) {
+    const ce = ConnectError.from(err);
+    if (ce.code === Code.NotFound) return 'not-found';
+    throw err;
+  }
+}
+
+async function updateUnder(client: Client<typeof ActionCache>, instanceName: string, exitCode: number): Promise<void> {
+  await client.updateActionResult({ instanceName, actionDigest: toProtoDigest(action), actionResult: { exitCode } });
+}
+
+t.test('by default each instance name has its own action cache', async (t) => {
+  const { client, acBackend } = setup();
+  await updateUnder(client, 'a', 1);
+  t.equal(await exitCodeUnder(client, 'a'), 1);
+  t.equal(await exitCodeUnder(client, 'b'), 'not-found', 'an entry written under "a" is NOT_FOUND under "b"');
+  t.equal(await exitCodeUnder(client, ''), 'not-found', 'and under no instance');
+  t.equal(await exitCodeUnder(client, 'a/b'), 'not-found', 'a longer name is another instance, not a child');
+  const miss = await failure(client.getActionResult({ instanceName: 'b', actionDigest: toProtoDigest(action) }));
+  t.equal(miss.rawMessage, `no action result for action ${digestString(action)}`);
+
+  await updateUnder(client, 'b', 2);
+  await updateUnder(client, '', 3);
+  t.same([await exitCodeUnder(client, 'a'), await exitCodeUnder(client, 'b'), await exitCodeUnder(client, '')], [1, 2, 3], 'no write overwrites another instance\'s');
+  t.ok((await acBackend.findMissing([action], { namespace: 'a' })).length === 0, 'stored in namespace "a"');
+  t.ok((await acBackend.findMissing([action])).length === 0, 'and "" holds the no-instance entry');
+});
+
+t.test('entries written before isolation (namespace "") stay readable under the empty instance name', async (t) => {
+  const { client, acBackend } = setup();
+  await acBackend.put(action, once(toBinary(ActionResultSchema, create(ActionResultSchema, { exitCode: 9 }))));
+  t.equal(await exitCodeUnder(client, ''), 9);
+  t.equal(await exitCodeUnder(client, 'main'), 'not-found');
+});
+
+t.test('aliases map several instance names to one namespace; others stay apart', async (t) => {
+  const { client } = setup({
+    instances: { isolateActionCache: true, aliases: new Map([['ci-linux', 'linux'], ['dev-linux', 'linux'], ['legacy', '']]) },
+  });
+  await updateUnder(client, 'ci-linux', 4);
+  t.equal(await exitCodeUnder(client, 'dev-linux'), 4, 'an alias shares its namespace');
+  t.equal(await exitCodeUnder(client, 'linux'), 4, 'the namespace is also an instance name of its own');
+  t.equal(await exitCodeUnder(client, 'ci-mac'), 'not-found');
+  t.equal(await exitCodeUnder(client, ''), 'not-found');
+  await updateUnder(client, '', 5);
+  t.equal(await exitCodeUnder(client, 'legacy'), 5, 'an alias to "" reads the default namespace (entries from before isolation)');
+});
+
+t.test('isolateActionCache: false shares one action cache among all instance names', async (t) => {
+  const { client, acBackend } = setup({ instances: { isolateActionCache: false, aliases: new Map([['x', 'y']]) } });
+  await updateUnder(client, 'a', 6);
+  t.equal(await exitCodeUnder(client, 'b'), 6);
+  t.equal(await exitCodeUnder(client, ''), 6);
+  t.equal(await exitCodeUnder(client, 'x'), 6, 'aliases do not apply without isolation');
+  t.ok((await acBackend.findMissing([action])).length === 0, 'stored in the default namespace');
+});
+
+t.test('completeness checking reads the result in the caller\'s namespace', async (t) => {
+  const { client, cas } = setup({ completenessChecking: true });
+  const out = enc.encode('checked output');
+  const d = await putBlob(cas, out);
+  await client.updateActionResult({
+    instanceName: 'a',
+    actionDigest: toProtoDigest(action),
+    actionResult: { exitCode: 8, outputFiles: [{ path: 'out', digest: toProtoDigest(d) }] },
+  });
+  t.equal(await exitCodeUnder(client, 'a'), 8);
+  t.equal(await exitCodeUnder(client, 'b'), 'not-found');
 });

@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import { dirname, resolve } from 'node:path';
+import { scryptHashProblem } from './auth/password.ts';
 import { instanceNameError } from './services/instance-name.ts';
 
 /**
@@ -196,7 +197,7 @@ export const DEFAULT_LIMITS: LimitsConfig = {
   maxMessageBytes: 4 * MiB,
   maxJsonBodyBytes: 8 * MiB,
   maxFindMissingDigests: 65_536,
-  maxBatchBlobs: 10_000,
+  maxBatchBlobs: 65_536,
   maxBlobSizeBytes: 16 * 1024 * MiB,
   maxZstdWindowLog: 23,
   maxConcurrentStreams: 128,
@@ -622,8 +623,15 @@ const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
 
 export const STORE_KINDS: readonly string[] = Object.keys(STORE_PARSERS);
 
+/** Deepest store node accepted, counted in path segments (about 100 levels of nesting). */
+const MAX_STORE_PATH_SEGMENTS = 256;
+
 /** Validates one node of a store tree (and, recursively, its children). */
 export function parseStoreConfig(value: unknown, path: string, ctx: StoreParseContext): StoreConfig {
+  // Each level adds two or three segments to the path; real trees are a few levels deep.
+  if (path.split('.').length > MAX_STORE_PATH_SEGMENTS) {
+    throw new ConfigError(`${path.slice(0, 80)}...: the store tree is nested too deeply (over ${MAX_STORE_PATH_SEGMENTS} path segments)`);
+  }
   const o = object(value, path);
   const keys = Object.keys(o);
   const expected = `an object with exactly one key naming the store kind (${STORE_KINDS.join(', ')})`;
@@ -744,8 +752,9 @@ function authConfig(value: unknown, path: string, tls: ServerTlsConfig | undefin
         throw new ConfigError(`${bp}.username: may not contain ':' or control characters`);
       }
       const passwordHash = nonEmptyString(required(b, 'passwordHash', bp), `${bp}.passwordHash`);
-      if (!/^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$/.test(passwordHash)) {
-        throw new ConfigError(`${bp}.passwordHash: expected "scrypt$N$r$p$salt$hash" as printed by npm run hash-secret, never a plain password`);
+      const hashProblem = scryptHashProblem(passwordHash);
+      if (hashProblem !== undefined) {
+        throw new ConfigError(`${bp}.passwordHash: ${hashProblem}, as printed by npm run hash-secret; never a plain password`);
       }
       unique('basic username', username, `${bp}.username`);
       basic = { username, passwordHash };

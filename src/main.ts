@@ -8,7 +8,8 @@
 //
 // Loads and validates the config (exit 2 with the field path on error),
 // opens the store trees, serves REAPI on the configured address (gRPC over
-// HTTP/2 cleartext and Connect/JSON over HTTP/1.1 on the same port), and on
+// HTTP/2 and Connect/JSON over HTTP/1.1 on the same port, cleartext or TLS),
+// on SIGHUP re-reads the TLS certificate, key and client CA, and on
 // SIGTERM/SIGINT shuts down gracefully: the server first (in-flight RPCs
 // may finish), then the stores. Exit 0 after a clean shutdown, 1 on failure.
 import { pino } from 'pino';
@@ -16,12 +17,16 @@ import type { Logger } from 'pino';
 import { ConfigError, formatAddress, loadConfig } from './config.ts';
 import type { NodeConfig } from './config.ts';
 import { buildAdminApp } from './admin/admin-app.ts';
-import { createMetricsRegistry, metricsInterceptor } from './admin/metrics.ts';
+import { parseAllowedHosts } from './admin/admin-guard.ts';
+import { adminTokenWarnings, resolveAdminToken, type ResolvedAdminToken } from './admin/admin-token.ts';
+import { createMetricsRegistry, metricsInterceptor, registerConnectionMetrics } from './admin/metrics.ts';
 import { V8_FLAGS } from './runtime-flags.ts';
 import { shardControl } from './admin/shard-control.ts';
 import { canServe } from './readiness.ts';
 import { logMixin } from './request-context.ts';
 import { buildApp } from './server/app.ts';
+import type { OnePortServer } from './server/listen.ts';
+import { loadTlsMaterial } from './server/tls.ts';
 import { buildStores, closeStores } from './stores/factory.ts';
 import { Supervisor } from './supervisor.ts';
 import type { StoreTrees } from './stores/factory.ts';
@@ -40,6 +45,10 @@ async function main(): Promise<number> {
   }
   const file = args[0] ?? 'config.json';
   let config: NodeConfig;
+  /** How config errors name this process's section. */
+  const nodeField = childName === undefined ? 'config' : `config.children.${childName}`;
+  const adminPath = `${nodeField}.admin`;
+  let adminToken: ResolvedAdminToken | undefined;
   try {
     const top = await loadConfig(file);
     if (childName === undefined) {
@@ -48,6 +57,13 @@ async function main(): Promise<number> {
       const child = top.children.find((c) => c.name === childName);
       if (child === undefined) throw new ConfigError(`config.children.${childName}: no such child`);
       config = child.config;
+    }
+    // The TLS files are read and checked now, so a bad one is a config error too.
+    if (config.tls !== undefined) await loadTlsMaterial(config.tls, `${nodeField}.tls`);
+    // The admin token's file or variable is read now, so a bad one is a config error too.
+    if (config.admin !== undefined) {
+      adminToken = await resolveAdminToken(config.admin, { path: adminPath });
+      if (config.admin.allowedHosts !== undefined) parseAllowedHosts(config.admin.allowedHosts, `${adminPath}.allowedHosts`);
     }
   } catch (err) {
     if (err instanceof ConfigError) {
@@ -58,6 +74,10 @@ async function main(): Promise<number> {
   }
 
   const logger = pino({ level: config.logLevel, mixin: logMixin, base: { pid: process.pid, role: childName ?? 'main' } });
+  // SIGHUP re-reads the TLS files once the server exists; it must never
+  // terminate the process (its default action).
+  let onHangup = (): void => logger.info('SIGHUP received while starting: nothing to reload yet');
+  process.on('SIGHUP', () => onHangup());
   process.on('unhandledRejection', (err) => logger.error({ err }, 'unhandled promise rejection'));
   process.on('uncaughtException', (err) => {
     logger.fatal({ err }, 'uncaught exception');
@@ -68,6 +88,7 @@ async function main(): Promise<number> {
   if (missingFlags.length > 0) {
     logger.warn({ missing: missingFlags }, 'started without the recommended V8 flags: streaming costs more CPU (see src/runtime-flags.ts)');
   }
+  for (const warning of adminToken === undefined ? [] : adminTokenWarnings(adminToken, adminPath)) logger.warn(warning);
 
   const registry = createMetricsRegistry();
 
@@ -88,7 +109,7 @@ async function main(): Promise<number> {
 
   let stores: StoreTrees;
   try {
-    stores = await buildStores(config, { logger, registry });
+    stores = await buildStores(config, { logger, registry, field: nodeField });
   } catch (err) {
     logger.fatal({ err }, 'could not open the stores');
     await supervisor?.stop();
@@ -128,7 +149,9 @@ async function main(): Promise<number> {
           notReadyReason: () =>
             listening ? 'no shard of a store tree is taking traffic' : 'starting or shutting down',
           drain: shardControl(stores.sharding),
-          token: config.admin.token,
+          token: adminToken?.token,
+          allowedHosts: config.admin.allowedHosts,
+          listen: config.admin.listen,
           registry,
           logger,
         });
@@ -137,10 +160,13 @@ async function main(): Promise<number> {
     await app.listen({ host: config.listen.host, port: config.listen.port });
     if (admin !== undefined && config.admin !== undefined) {
       await admin.listen({ host: config.admin.listen.host, port: config.admin.listen.port });
-      logger.info(
-        { admin: formatAddress(config.admin.listen) },
-        `admin page, /metrics, /healthz and /readyz on http://${formatAddress(config.admin.listen)}`,
-      );
+      // The bound port, so that port 0 (tests) is logged as the port taken.
+      const adminBound = admin.server.address();
+      const adminAt = formatAddress({
+        host: config.admin.listen.host,
+        port: typeof adminBound === 'object' && adminBound !== null ? adminBound.port : config.admin.listen.port,
+      });
+      logger.info({ admin: adminAt }, `admin page, /metrics, /healthz and /readyz on http://${adminAt}`);
     }
   } catch (err) {
     logger.fatal({ err, listen: formatAddress(config.listen) }, 'could not listen');
@@ -151,13 +177,24 @@ async function main(): Promise<number> {
     return 1;
   }
   listening = true;
+  registerConnectionMetrics(registry, app.server as unknown as OnePortServer);
   const address = app.server.address();
   const port = typeof address === 'object' && address !== null ? address.port : config.listen.port;
   const bound = formatAddress({ host: config.listen.host, port });
   logger.info(
     { listen: bound, port, cas: stores.cas.describe(), ac: stores.ac.describe() },
-    `serving REAPI on ${bound}: gRPC over h2c (grpc://${bound}) and Connect/JSON over HTTP/1.1 (http://${bound})`,
+    config.tls === undefined
+      ? `serving REAPI on ${bound}: gRPC over h2c (grpc://${bound}) and Connect/JSON over HTTP/1.1 (http://${bound})`
+      : `serving REAPI on ${bound} over TLS${config.tls.clientCaFile === undefined ? '' : ` (client certificates: ${config.tls.clientCert})`}: gRPC (grpcs://${bound}) and Connect/JSON (https://${bound})`,
   );
+  onHangup = () => {
+    if (config.tls === undefined) {
+      logger.info('SIGHUP: no TLS configured, nothing to reload');
+      return;
+    }
+    logger.info('SIGHUP: reloading the TLS certificate, key and client CA');
+    void (app.server as unknown as OnePortServer).reloadTls('SIGHUP');
+  };
 
   const signal = await new Promise<NodeJS.Signals>((resolve) => {
     process.once('SIGTERM', () => resolve('SIGTERM'));

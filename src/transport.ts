@@ -10,6 +10,9 @@
 // - ByteStream Read and Write as raw HTTP/2 streams (openGrpcStream), framed
 //   by hand in src/stores/remote-bytestream.ts: no protobuf-es object and no
 //   copy per relayed message.
+// Both pass through ShardSessionManager.request(), which is also where a
+// shard's bearer token is added (TLS options go to the session), so no kind
+// of call can go without its credentials.
 // Both end a call when the response stream ENDS, never when the trailers
 // arrive: node:http2 fires 'trailers' as soon as the frame comes in, with
 // unread data possibly still buffered behind it for a slow consumer.
@@ -37,9 +40,13 @@
 //   anyway.
 // undici stays a dependency for HTTP/1.1 JSON fetches only, where bodies are
 // read whole.
+import { readFile } from 'node:fs/promises';
 import type * as http2 from 'node:http2';
+import { createSecureContext } from 'node:tls';
 import type { Transport } from '@connectrpc/connect';
 import { createGrpcTransport, Http2SessionManager } from '@connectrpc/connect-node';
+import { ConfigError } from './config.ts';
+import type { RemoteStoreConfig } from './config.ts';
 
 const USER_AGENT = 'reapi-edge (node:http2)';
 
@@ -76,6 +83,12 @@ export interface ShardTransportOptions {
    * `servername` for TLS shards.
    */
   readonly tls?: http2.SecureClientSessionOptions;
+  /**
+   * Sent as `authorization: Bearer <token>` on every stream the session
+   * opens: Connect's unary calls, health checks and the raw ByteStream
+   * streams alike (they all go through the session manager's request()).
+   */
+  readonly bearerToken?: string | undefined;
   /** Sees every HTTP/2 stream opened, before any response. For tests that watch the wire. */
   readonly onStream?: (stream: http2.ClientHttp2Stream) => void;
 }
@@ -104,8 +117,14 @@ export interface ShardTransport {
 class ShardSessionManager extends Http2SessionManager {
   readonly #widened = new WeakSet<http2.Http2Session>();
   readonly #onStream: ((stream: http2.ClientHttp2Stream) => void) | undefined;
+  readonly #authorization: string | undefined;
 
-  constructor(url: string, tls: http2.SecureClientSessionOptions | undefined, onStream?: (s: http2.ClientHttp2Stream) => void) {
+  constructor(
+    url: string,
+    tls: http2.SecureClientSessionOptions | undefined,
+    bearerToken: string | undefined,
+    onStream?: (s: http2.ClientHttp2Stream) => void,
+  ) {
     super(
       url,
       {
@@ -114,11 +133,15 @@ class ShardSessionManager extends Http2SessionManager {
         // caught sooner by the remote store's own timeouts.
         pingIntervalMs: 60_000,
         pingTimeoutMs: 5_000,
-        idleConnectionTimeoutMs: 15 * 60_000,
+        // Below our storage nodes' limits.idleTimeoutMs (default 5 min), so
+        // the edge closes an idle session before the shard sends GOAWAY,
+        // and no call races a GOAWAY.
+        idleConnectionTimeoutMs: 4 * 60_000,
       },
       { ...tls, settings: { initialWindowSize: STREAM_WINDOW_BYTES, maxFrameSize: MAX_FRAME_BYTES, ...tls?.settings } },
     );
     this.#onStream = onStream;
+    this.#authorization = bearerToken === undefined ? undefined : `Bearer ${bearerToken}`;
   }
 
   override async request(
@@ -127,6 +150,9 @@ class ShardSessionManager extends Http2SessionManager {
     headers: http2.OutgoingHttpHeaders,
     options: Omit<http2.ClientSessionRequestOptions, 'signal'>,
   ): Promise<http2.ClientHttp2Stream> {
+    // The one place every call to the shard passes: the credentials go here,
+    // so that no kind of call can go without them.
+    if (this.#authorization !== undefined) headers = { ...headers, authorization: this.#authorization };
     const stream = await super.request(method, path, headers, options);
     const session = stream.session;
     if (session !== undefined && !this.#widened.has(session)) {
@@ -148,7 +174,10 @@ export function createShardTransport(opts: ShardTransportOptions): ShardTranspor
   if (url.protocol !== 'http:' && url.protocol !== 'https:') {
     throw new Error(`shard url ${opts.url}: expected http:// (h2c) or https:// (TLS)`);
   }
-  const sessionManager = new ShardSessionManager(url.origin, opts.tls, opts.onStream);
+  if (opts.tls !== undefined && url.protocol !== 'https:') {
+    throw new Error(`shard url ${opts.url}: TLS options need an https:// url`);
+  }
+  const sessionManager = new ShardSessionManager(url.origin, opts.tls, opts.bearerToken, opts.onStream);
   const transport = createGrpcTransport({
     baseUrl: opts.url.replace(/\/+$/, ''),
     sessionManager,
@@ -176,4 +205,71 @@ export function createShardTransport(opts: ShardTransportOptions): ShardTranspor
       sessionManager.abort();
     },
   };
+}
+
+/** What a remote store's config adds to its transport: TLS options and the bearer token, read from their files. */
+export interface ShardCredentials {
+  readonly tls: http2.SecureClientSessionOptions | undefined;
+  readonly bearerToken: string | undefined;
+}
+
+/**
+ * Reads the files and environment variable a remote store's config names
+ * (`tls.caFile`, `tls.certFile`, `tls.keyFile`, `bearerTokenFile`,
+ * `bearerTokenEnv`), at startup. `field` is the store's config path, e.g.
+ * "config.cas.sharding.shards.a.backend.remote"; every error is a
+ * ConfigError naming the field and the file or variable. A token is the
+ * first line of its file (or the variable's value), trimmed, and must not be
+ * empty.
+ */
+export async function readShardCredentials(config: RemoteStoreConfig, field: string): Promise<ShardCredentials> {
+  let tls: http2.SecureClientSessionOptions | undefined;
+  if (config.tls !== undefined) {
+    const t = config.tls;
+    const [ca, cert, key] = await Promise.all([
+      t.caFile === undefined ? undefined : readConfigFile(t.caFile, `${field}.tls.caFile`),
+      t.certFile === undefined ? undefined : readConfigFile(t.certFile, `${field}.tls.certFile`),
+      t.keyFile === undefined ? undefined : readConfigFile(t.keyFile, `${field}.tls.keyFile`),
+    ]);
+    tls = {};
+    if (ca !== undefined) tls.ca = ca;
+    if (cert !== undefined) tls.cert = cert;
+    if (key !== undefined) tls.key = key;
+    if (t.serverName !== undefined) tls.servername = t.serverName;
+    // Checked now, or a bad file would only show as every call failing.
+    try {
+      createSecureContext({ ca, cert, key });
+    } catch (err) {
+      throw new ConfigError(`${field}.tls: OpenSSL refuses the files (${[t.caFile, t.certFile, t.keyFile].filter(Boolean).join(', ')}): ${err instanceof Error ? err.message : String(err)}`);
+    }
+  }
+  let bearerToken: string | undefined;
+  if (config.bearerTokenFile !== undefined) {
+    const text = (await readConfigFile(config.bearerTokenFile, `${field}.bearerTokenFile`)).toString('utf8');
+    bearerToken = firstLine(text);
+    if (bearerToken === '') throw new ConfigError(`${field}.bearerTokenFile: ${config.bearerTokenFile} is empty (the token is its first line)`);
+  } else if (config.bearerTokenEnv !== undefined) {
+    const value = process.env[config.bearerTokenEnv];
+    if (value === undefined) throw new ConfigError(`${field}.bearerTokenEnv: environment variable ${config.bearerTokenEnv} is not set`);
+    bearerToken = firstLine(value);
+    if (bearerToken === '') throw new ConfigError(`${field}.bearerTokenEnv: environment variable ${config.bearerTokenEnv} is empty`);
+  }
+  if (bearerToken !== undefined && !/^[\x21-\x7e]+$/.test(bearerToken)) {
+    // It goes into an HTTP/2 header as is.
+    const where = config.bearerTokenFile !== undefined ? `${field}.bearerTokenFile` : `${field}.bearerTokenEnv`;
+    throw new ConfigError(`${where}: the token must be printable ASCII without spaces`);
+  }
+  return { tls, bearerToken };
+}
+
+async function readConfigFile(file: string, field: string): Promise<Buffer> {
+  try {
+    return await readFile(file);
+  } catch (err) {
+    throw new ConfigError(`${field}: cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+  }
+}
+
+function firstLine(text: string): string {
+  return (text.split(/\r?\n/, 1)[0] ?? '').trim();
 }

@@ -94,7 +94,7 @@ t.test('errors in remote, sharding, fallback and children name the offending fie
     ['remote timeout zero', { ...valid(), cas: { remote: { url: 'http://a:1', timeoutMs: 0 } } }, 'config.cas.remote.timeoutMs: expected a positive integer, got 0'],
     ['remote health timeout string', { ...valid(), ac: { remote: { url: 'http://a:1', healthTimeoutMs: '1s' } } }, 'config.ac.remote.healthTimeoutMs: expected a positive integer, got "1s"'],
     ['remote instance name number', { ...valid(), cas: { remote: { url: 'http://a:1', instanceName: 5 } } }, 'config.cas.remote.instanceName: expected a string, got 5'],
-    ['remote unknown field', { ...valid(), cas: { remote: { url: 'http://a:1', tls: {} } } }, 'config.cas.remote.tls: unknown field (allowed: url, instanceName, timeoutMs, healthTimeoutMs)'],
+    ['remote unknown field', { ...valid(), cas: { remote: { url: 'http://a:1', token: 'x' } } }, 'config.cas.remote.token: unknown field (allowed: url, instanceName, timeoutMs, healthTimeoutMs, tls, bearerTokenFile, bearerTokenEnv)'],
     // sharding
     ['sharding without shards', { ...valid(), cas: { sharding: { handoffDir: 'h' } } }, 'config.cas.sharding.shards: required'],
     ['shards as an array', { ...valid(), cas: { sharding: { shards: [], handoffDir: 'h' } } }, 'config.cas.sharding.shards: expected an object, got an array'],
@@ -188,9 +188,9 @@ t.test('errors in remote, sharding, fallback and children name the offending fie
     [
       'grandchildren',
       { ...valid(), children: { a: { ...valid(), children: {} } } },
-      'config.children.a.children: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, restart)',
+      'config.children.a.children: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, tls, auth, instances, limits, cas, ac, restart)',
     ],
-    ['restart at the top', { ...valid(), restart: true }, 'config.restart: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, cas, ac, children)'],
+    ['restart at the top', { ...valid(), restart: true }, 'config.restart: unknown field (allowed: logLevel, listen, admin, maxBatchTotalSizeBytes, tls, auth, instances, limits, cas, ac, children)'],
     [
       'child store error',
       { ...valid(), children: { a: { ...valid(), cas: { disk: { path: 'x', maxSizeBytes: -1 } } } } },

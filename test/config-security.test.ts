@@ -63,7 +63,7 @@ t.test('auth: identities with hashed secrets and grants by instance prefix', asy
       anonymous: 'read',
       identities: {
         ci: { tokenSha256: SHA, grants: { '': 'read-write' }, rateLimit: { requestsPerSecond: 100 } },
-        alice: { basic: { username: 'alice', passwordHash: 'scrypt$16384$8$1$c2FsdA==$aGFzaA==' }, grants: { 'team-a': 'read', 'team-a/x': 'read-write' } },
+        alice: { basic: { username: 'alice', passwordHash: 'scrypt$16384$8$1$c2FsdHNhbHQ=$aGFzaGhhc2hoYXNoaGFzaA==' }, grants: { 'team-a': 'read', 'team-a/x': 'read-write' } },
         'runner-7': { clientCertCommonName: 'runner-7', grants: { '': 'read-write' } },
       },
     },
@@ -84,8 +84,9 @@ t.test('auth: identities with hashed secrets and grants by instance prefix', asy
 t.test('auth: plain secrets, missing credentials and duplicates are refused', async (t) => {
   const id = (o: Record<string, unknown>) => ({ auth: { identities: { ci: { grants: { '': 'read' }, ...o } } } });
   t.match(errorOf(id({ tokenSha256: 'my-secret-token' })), /^config\.auth\.identities\.ci\.tokenSha256: expected 64 lowercase hex digits .*never the token itself/);
-  t.match(errorOf(id({ basic: { username: 'ci', passwordHash: 'hunter2' } })), /^config\.auth\.identities\.ci\.basic\.passwordHash: expected "scrypt\$N\$r\$p\$salt\$hash"/);
-  t.match(errorOf(id({ basic: { username: 'c:i', passwordHash: 'scrypt$1$1$1$a$b' } })), /^config\.auth\.identities\.ci\.basic\.username: may not contain ':'/);
+  t.match(errorOf(id({ basic: { username: 'ci', passwordHash: 'hunter2' } })), /^config\.auth\.identities\.ci\.basic\.passwordHash: expected "scrypt\$N\$r\$p\$salt\$hash".*never a plain password/);
+  t.match(errorOf(id({ basic: { username: 'ci', passwordHash: 'scrypt$1048576$8$1$c2FsdHNhbHQ=$aGFzaGhhc2hoYXNoaGFzaA==' } })), /passwordHash: N x r x 128 = \d+ bytes per check is over/);
+  t.match(errorOf(id({ basic: { username: 'c:i', passwordHash: 'scrypt$16384$8$1$c2FsdHNhbHQ=$aGFzaGhhc2hoYXNoaGFzaA==' } })), /^config\.auth\.identities\.ci\.basic\.username: may not contain ':'/);
   t.match(errorOf(id({})), /^config\.auth\.identities\.ci: needs a credential/);
   t.match(errorOf(id({ clientCertCommonName: 'ci' })), /^config\.auth\.identities\.ci\.clientCertCommonName: needs tls\.clientCaFile/);
   t.match(errorOf(id({ tokenSha256: SHA, grants: { '': 'write' } })), /^config\.auth\.identities\.ci\.grants\."": expected one of read, read-write/);

@@ -8,6 +8,7 @@ import { FallbackStore } from './fallback-store.ts';
 import { MemoryStore } from './memory-store.ts';
 import { MetricsStore } from './metrics-store.ts';
 import { RemoteStore } from './remote-store.ts';
+import { readShardCredentials } from '../transport.ts';
 import { ShardingStore } from './sharding-store.ts';
 
 export interface StoreTrees {
@@ -25,6 +26,8 @@ export interface BuildOptions {
    * "fallback/primary/shard-a"), as bb-storage wraps every node.
    */
   readonly registry?: Registry | undefined;
+  /** How errors name the config holding the trees (default "config"; a child's is "config.children.NAME"). */
+  readonly field?: string | undefined;
 }
 
 interface BuildContext {
@@ -35,6 +38,8 @@ interface BuildContext {
   readonly registry: Registry | undefined;
   /** Where this node sits in its tree, for metric labels. */
   readonly path: string;
+  /** The node's config path, for errors ("config.cas.sharding.shards.a.backend"). */
+  readonly field: string;
   /** Every store built so far, so a failure half-way can close them. */
   readonly built: BlobStore[];
   readonly sharding: ShardingStore[];
@@ -51,8 +56,8 @@ export async function buildStores(config: { readonly cas: StoreConfig; readonly 
   try {
     const casSharding: ShardingStore[] = [];
     const acSharding: ShardingStore[] = [];
-    const cas = await buildStore(config.cas, { ...common, tree: 'cas', sharding: casSharding });
-    const ac = await buildStore(config.ac, { ...common, tree: 'ac', cas, sharding: acSharding });
+    const cas = await buildStore(config.cas, { ...common, tree: 'cas', field: `${opts.field ?? 'config'}.cas`, sharding: casSharding });
+    const ac = await buildStore(config.ac, { ...common, tree: 'ac', field: `${opts.field ?? 'config'}.ac`, cas, sharding: acSharding });
     return { cas, ac, sharding: { cas: casSharding, ac: acSharding } };
   } catch (err) {
     await Promise.allSettled(built.reverse().map((s) => s.close()));
@@ -74,7 +79,7 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
   // The node's path as the admin page and metrics name it: the root's kind,
   // then per level the role (primary, secondary), shard name or kind.
   const path = ctx.path === '' ? config.kind : ctx.path;
-  const child = (segment: string): BuildContext => ({ ...ctx, path: `${path}/${segment}` });
+  const child = (segment: string, field: string): BuildContext => ({ ...ctx, path: `${path}/${segment}`, field: `${ctx.field}.${config.kind}.${field}` });
   let store: BlobStore;
   switch (config.kind) {
     case 'memory':
@@ -88,13 +93,17 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
         // config.ts only allows this kind in the AC tree.
         throw new Error('completenessChecking store built without a CAS tree');
       }
-      const backend = await buildStore(config.backend, child(config.backend.kind));
+      const backend = await buildStore(config.backend, child(config.backend.kind, 'backend'));
       store = new CompletenessCheckingStore({ backend, cas: ctx.cas, logger });
       break;
     }
-    case 'remote':
+    case 'remote': {
+      // Files and variables are read once, now: a missing one stops the start.
+      const credentials = await readShardCredentials(config, `${ctx.field}.remote`);
       store = new RemoteStore({
         url: config.url,
+        tls: credentials.tls,
+        bearerToken: credentials.bearerToken,
         instanceName: config.instanceName,
         tree: ctx.tree,
         timeoutMs: config.timeoutMs,
@@ -102,10 +111,11 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
         logger,
       });
       break;
+    }
     case 'sharding': {
       const shards = [];
       for (const shard of config.shards) {
-        const backend = await buildStore(shard.backend, child(shard.name));
+        const backend = await buildStore(shard.backend, child(shard.name, `shards.${shard.name}.backend`));
         shards.push({ name: shard.name, weight: shard.weight, store: backend, check: healthCheckOf(backend) });
       }
       store = await ShardingStore.open({
@@ -122,8 +132,8 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
       break;
     }
     case 'fallback': {
-      const primary = await buildStore(config.primary, child('primary'));
-      const secondary = await buildStore(config.secondary, child('secondary'));
+      const primary = await buildStore(config.primary, child('primary', 'primary'));
+      const secondary = await buildStore(config.secondary, child('secondary', 'secondary'));
       store = await FallbackStore.open({
         primary,
         secondary,

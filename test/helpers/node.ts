@@ -12,10 +12,11 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import type { Interceptor } from '@connectrpc/connect';
 import type { FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import type { Logger } from 'pino';
-import type { LogLevel, StoreConfig } from '../../src/config.ts';
+import type { AuthConfig, LimitsConfig, LogLevel, ServerTlsConfig, StoreConfig } from '../../src/config.ts';
 import { DEFAULT_MAX_BATCH_TOTAL_SIZE_BYTES } from '../../src/config.ts';
 import { buildApp } from '../../src/server/app.ts';
 import type { BlobStore } from '../../src/stores/blob-store.ts';
@@ -42,10 +43,20 @@ export interface StartNodeOptions {
   readonly shutdownTimeoutMs?: number;
   /** Default 'silent'; set REAPI_TEST_LOG=debug to see the node's log on stderr. */
   readonly logLevel?: LogLevel;
+  /** Authentication and authorization (absent: everyone may do everything). */
+  readonly auth?: AuthConfig;
+  /** A logger of the test's own (e.g. to read the log lines); replaces logLevel. */
+  readonly logger?: Logger;
+  /** Outer interceptors, as main.ts passes metricsInterceptor. */
+  readonly interceptors?: readonly Interceptor[];
+  /** TLS on the port (url is then https://); see test/helpers/certs.ts. */
+  readonly tls?: ServerTlsConfig;
+  /** Connection and input limits (default DEFAULT_LIMITS). */
+  readonly limits?: LimitsConfig;
 }
 
 export interface RunningNode {
-  /** http://127.0.0.1:PORT: gRPC (h2c) and Connect/JSON (HTTP/1.1) on one port. */
+  /** http://127.0.0.1:PORT (https:// with tls): gRPC (HTTP/2) and Connect/JSON (HTTP/1.1) on one port. */
   readonly url: string;
   readonly port: number;
   readonly cas: BlobStore;
@@ -62,7 +73,7 @@ export interface RunningNode {
 
 export async function startNode(opts: StartNodeOptions = {}): Promise<RunningNode> {
   const level = opts.logLevel ?? ((process.env.REAPI_TEST_LOG as LogLevel | undefined) || 'silent');
-  const logger = pino({ level }, pino.destination(2));
+  const logger = opts.logger ?? pino({ level }, pino.destination(2));
   const kind = opts.stores ?? 'memory';
   const needsDir = opts.trees === undefined && (kind === 'disk' || hasDisk(opts.cas) || hasDisk(opts.ac));
   const dir = needsDir ? await mkdtemp(join(tmpdir(), 'reapi-node-')) : undefined;
@@ -89,6 +100,10 @@ export async function startNode(opts: StartNodeOptions = {}): Promise<RunningNod
     },
     logger,
     shutdownTimeoutMs: opts.shutdownTimeoutMs ?? 2000,
+    auth: opts.auth,
+    interceptors: opts.interceptors,
+    tls: opts.tls,
+    limits: opts.limits,
   });
   await app.listen({ host: '127.0.0.1', port: 0 });
   const address = app.server.address();
@@ -96,7 +111,7 @@ export async function startNode(opts: StartNodeOptions = {}): Promise<RunningNod
 
   let closing: Promise<void> | undefined;
   return {
-    url: `http://127.0.0.1:${address.port}`,
+    url: `${opts.tls === undefined ? 'http' : 'https'}://127.0.0.1:${address.port}`,
     port: address.port,
     cas: trees.cas,
     ac: trees.ac,

@@ -6,7 +6,19 @@ import fastify, { LogController } from 'fastify';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
+import type { ListenAddress } from '../config.ts';
 import type { ChildState } from '../supervisor.ts';
+import {
+  PAGE_CSP,
+  SECURITY_HEADERS,
+  bodyProblem,
+  crossOriginProblem,
+  defaultAllowedHosts,
+  formatHost,
+  hostAllowed,
+  parseAllowedHosts,
+  type HostPattern,
+} from './admin-guard.ts';
 import { createMetricsRegistry, registerTreeMetrics } from './metrics.ts';
 import type { DrainFn } from './shard-control.ts';
 import { StateWatcher } from './state-watcher.ts';
@@ -28,6 +40,17 @@ export interface AdminAppOptions {
    * are refused with 403, everything else still works.
    */
   readonly token?: string | undefined;
+  /**
+   * Host header values answered (see admin-guard.ts); others get 421, except
+   * on /healthz and /readyz. Default: defaultAllowedHosts() of `listen`.
+   */
+  readonly allowedHosts?: readonly string[] | undefined;
+  /**
+   * The configured listen address, for the default allowedHosts (a name such
+   * as "localhost" is kept as written; port 0 becomes the bound port).
+   * Default: the address the app is bound to.
+   */
+  readonly listen?: ListenAddress | undefined;
   /** Where /metrics reads from; share it with metricsInterceptor and MetricsStore. Default: a fresh one. */
   readonly registry?: Registry | undefined;
   /**
@@ -73,15 +96,17 @@ const PAGE_FILES: Record<string, { file: string; type: string }> = {
   '/style.css': { file: 'style.css', type: 'text/css; charset=utf-8' },
 };
 
-// The page loads nothing from anywhere else, and nothing may frame it.
-const SECURITY_HEADERS = {
-  'content-security-policy':
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; " +
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-  'x-content-type-options': 'nosniff',
-  'referrer-policy': 'no-referrer',
-  'cache-control': 'no-store',
-};
+/**
+ * Probes answer whatever the Host: Kubernetes sends the pod IP, a load
+ * balancer its own idea. They reveal only "ready or not" and a fixed reason.
+ */
+const PROBE_ROUTES = new Set(['/healthz', '/readyz']);
+
+/** Methods that change nothing; every other one gets the cross-origin checks. */
+const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+
+/** Refused Host values are logged once each, up to this many. */
+const MAX_LOGGED_HOSTS = 32;
 
 /**
  * Builds (but does not start) the admin and operations app: a plain
@@ -98,6 +123,15 @@ const SECURITY_HEADERS = {
  * - GET /healthz       200 while the process runs
  * - GET /readyz        200 when isReady(), else 503 with the reason
  *
+ * Browser-facing defences (admin-guard.ts): every request but the two probes
+ * must name an allowed Host (else 421, which defeats DNS rebinding); a
+ * state-changing request is refused when its Origin or Sec-Fetch-Site says it
+ * comes from another origin, and its body must be JSON; every response
+ * carries the security headers. Reads (page, state, events, metrics) need no
+ * token: they are same-origin only (no CORS), Host-checked, and the page's
+ * EventSource could not send one; the listen address decides who can reach
+ * them at all.
+ *
  * The page is served from memory by a route per file rather than with
  * @fastify/static: three files known at build time need no path handling
  * (so no traversal to guard against) and no extra dependency.
@@ -112,6 +146,7 @@ export async function buildAdminApp(opts: AdminAppOptions): Promise<FastifyInsta
   const eventIntervalMs = Math.max(50, opts.eventIntervalMs ?? 1000);
   const log = opts.logger?.child({ component: 'admin' });
   const actions: Action[] = [];
+  const explicitHosts = opts.allowedHosts === undefined ? undefined : parseAllowedHosts(opts.allowedHosts);
 
   const pages = new Map<string, { body: Buffer; type: string }>();
   for (const [route, { file, type }] of Object.entries(PAGE_FILES)) {
@@ -184,7 +219,55 @@ export async function buildAdminApp(opts: AdminAppOptions): Promise<FastifyInsta
     logController: new LogController({ disableRequestLogging: true }),
     // An SSE stream is never idle; we end those ourselves in preClose.
     forceCloseConnections: 'idle',
+    // No route takes more than a few bytes of body.
+    bodyLimit: 16 * 1024,
   }) as unknown as FastifyInstance;
+
+  // ---- Host check, cross-origin writes, security headers -----------------
+  let defaults: { key: string; hosts: HostPattern[] } | undefined;
+  const allowedHosts = (): readonly HostPattern[] => {
+    if (explicitHosts !== undefined) return explicitHosts;
+    const bound = app.server.address();
+    const boundAt = typeof bound === 'object' && bound !== null ? bound : undefined;
+    const host = opts.listen?.host ?? boundAt?.address ?? '127.0.0.1';
+    // Not listening (inject() in tests) and no configured port: any port.
+    const port = boundAt?.port ?? (opts.listen?.port || undefined);
+    const key = `${host} ${port}`;
+    if (defaults?.key !== key) defaults = { key, hosts: defaultAllowedHosts(host, port) };
+    return defaults.hosts;
+  };
+  const loggedHosts = new Set<string>();
+  app.addHook('onListen', (done) => {
+    log?.debug({ allowedHosts: allowedHosts().map(formatHost) }, 'admin: Host header values answered');
+    done();
+  });
+  app.addHook('onRequest', async (req, reply) => {
+    const host = req.headers.host;
+    if (!PROBE_ROUTES.has(req.routeOptions.url ?? '') && !hostAllowed(host, allowedHosts())) {
+      const shown = JSON.stringify((host ?? '').slice(0, 100));
+      if (loggedHosts.size < MAX_LOGGED_HOSTS && !loggedHosts.has(shown)) {
+        loggedHosts.add(shown);
+        log?.warn(
+          { host: shown, peer: req.ip, allowedHosts: allowedHosts().map(formatHost) },
+          'admin: refused a request for a Host not in admin.allowedHosts (DNS rebinding, or a name to add to the list); logged once per Host',
+        );
+      }
+      return reply
+        .code(421)
+        .type('text/plain; charset=utf-8')
+        .send(`421 Misdirected Request: this admin server does not answer to Host ${shown} (see admin.allowedHosts)\n`);
+    }
+    if (SAFE_METHODS.has(req.method)) return;
+    const problem = crossOriginProblem(req.headers, host);
+    if (problem !== undefined) return reply.code(403).send({ error: problem });
+    const bad = bodyProblem(req.headers);
+    if (bad !== undefined) return reply.code(415).send({ error: bad });
+  });
+  app.addHook('onSend', async (_req, reply) => {
+    for (const [name, value] of Object.entries(SECURITY_HEADERS)) {
+      if (!reply.hasHeader(name)) void reply.header(name, value);
+    }
+  });
 
   app.addHook('preClose', (done) => {
     closed = true;
@@ -208,21 +291,22 @@ export async function buildAdminApp(opts: AdminAppOptions): Promise<FastifyInsta
   });
 
   for (const [route, page] of pages) {
-    app.get(route, (_req, reply) => reply.headers(SECURITY_HEADERS).type(page.type).send(page.body));
+    app.get(route, (_req, reply) => reply.header('content-security-policy', PAGE_CSP).type(page.type).send(page.body));
   }
 
-  app.get('/api/state', (_req, reply) => reply.header('cache-control', 'no-store').send(state()));
+  app.get('/api/state', (_req, reply) => reply.send(state()));
 
   app.get('/api/events', (req, reply) => {
     reply.hijack();
     const res = reply.raw;
     if (closed) {
-      res.writeHead(503, { 'content-type': 'application/json' }).end('{"error":"shutting down"}');
+      res.writeHead(503, { ...SECURITY_HEADERS, 'content-type': 'application/json' }).end('{"error":"shutting down"}');
       return;
     }
+    // Hijacked: fastify's onSend hook does not run, so the headers go here.
     res.writeHead(200, {
+      ...SECURITY_HEADERS,
       'content-type': 'text/event-stream; charset=utf-8',
-      'cache-control': 'no-store',
       connection: 'keep-alive',
       'x-accel-buffering': 'no', // a proxy in front must not buffer the stream
     });
@@ -272,13 +356,12 @@ export async function buildAdminApp(opts: AdminAppOptions): Promise<FastifyInsta
 
   app.get('/metrics', async (_req, reply) => {
     const text = await registry.metrics();
-    return reply.header('cache-control', 'no-store').type(registry.contentType).send(text);
+    return reply.type(registry.contentType).send(text);
   });
 
-  app.get('/healthz', (_req, reply) => reply.header('cache-control', 'no-store').send({ ok: true }));
+  app.get('/healthz', (_req, reply) => reply.send({ ok: true }));
 
   app.get('/readyz', (_req, reply) => {
-    void reply.header('cache-control', 'no-store');
     if (opts.isReady()) return reply.send({ ready: true });
     return reply.code(503).send({ ready: false, reason: opts.notReadyReason?.() ?? 'not ready' });
   });

@@ -76,17 +76,33 @@ function rpcFamiliesFor(registry: Registry): RpcFamilies {
 
 const CLIENT_CANCELLED = new ConnectError('client cancelled', Code.Canceled);
 
+/** Something that can count an RPC no interceptor saw. */
+export interface EarlyFailureRecorder {
+  /**
+   * Counts an RPC that ended before any interceptor ran: a unary request
+   * that never arrived whole (the client cancelled it, or it broke a limit)
+   * or did not parse. The server calls it (app.ts, watchEarlyErrors).
+   */
+  recordEarlyFailure(service: string, method: string, err: unknown, seconds: number): void;
+}
+
+/** True for an interceptor that also counts early failures (metricsInterceptor's). */
+export function isEarlyFailureRecorder(value: unknown): value is EarlyFailureRecorder {
+  return typeof (value as Partial<EarlyFailureRecorder> | undefined)?.recordEarlyFailure === 'function';
+}
+
 /**
  * A Connect interceptor recording every RPC: count and latency by method and
  * gRPC code, RPCs in flight, and blob bytes in and out, counted message by
  * message as streams flow. Put it FIRST in the plugin's `interceptors` (the
  * outermost), so it sees the codes clients see after other interceptors
- * mapped errors. RPCs that fail before any interceptor runs (an unparsable
- * unary request) are not seen.
+ * mapped errors. RPCs that fail before any interceptor runs (a unary
+ * request that never arrives whole, or does not parse) are counted through
+ * its recordEarlyFailure(), which the server calls.
  */
-export function metricsInterceptor(registry: Registry): Interceptor {
+export function metricsInterceptor(registry: Registry): Interceptor & EarlyFailureRecorder {
   const f = rpcFamiliesFor(registry);
-  return (next) => async (req) => {
+  const interceptor: Interceptor = (next) => async (req) => {
     const labels = { service: req.service.typeName, method: req.method.name };
     const received = f.received.labels(labels);
     const sent = f.sent.labels(labels);
@@ -134,14 +150,20 @@ export function metricsInterceptor(registry: Registry): Interceptor {
       ...res,
       message: (async function* () {
         let ok = false;
+        // True while a message is with the transport: an error thrown in
+        // then is the transport's (the client reset the stream, or its
+        // connection broke), not the handler's, so the client cancelled.
+        let delivering = false;
         try {
           for await (const m of output) {
             sent.inc(payloadBytes(m));
+            delivering = true;
             yield m;
+            delivering = false;
           }
           ok = true;
         } catch (err) {
-          finish(err);
+          finish(delivering ? CLIENT_CANCELLED : err);
           throw err;
         } finally {
           finish(ok ? undefined : CLIENT_CANCELLED);
@@ -149,6 +171,13 @@ export function metricsInterceptor(registry: Registry): Interceptor {
       })(),
     };
   };
+  return Object.assign(interceptor, {
+    recordEarlyFailure(service: string, method: string, err: unknown, seconds: number) {
+      const labels = { service, method, code: grpcCodeName(err) };
+      f.requests.inc(labels);
+      f.duration.observe(labels, seconds);
+    },
+  });
 }
 
 /** Blob bytes carried by a REAPI message: `data`, or the `data` of batch entries. */
@@ -334,6 +363,8 @@ export function registerTreeMetrics(registry: Registry, source: TreeMetricsSourc
   const kindOf = (n: Located): Labels => ({ kind: n.node.kind });
   gauge('reapi_edge_store_usage_bytes', 'Bytes held by a disk or memory store.', K, field(isLeaf, (n) => num(n, 'bytes'), kindOf));
   gauge('reapi_edge_store_max_size_bytes', 'Size cap of a disk or memory store.', K, field(isLeaf, (n) => num(n, 'maxSizeBytes'), kindOf));
+  gauge('reapi_edge_store_upload_in_flight_bytes', 'Bytes a disk store has reserved for uploads in flight (counted against its cap with the stored bytes).', S,
+    field('disk', (n) => num(n, 'uploadBytesInFlight')));
   gauge('reapi_edge_store_blobs', 'Blobs held by a disk or memory store.', K, field(isLeaf, (n) => num(n, 'blobs'), kindOf));
   counter('reapi_edge_store_evictions_total', 'Blobs evicted by a disk or memory store to stay under its cap.', K, field(isLeaf, (n) => num(n, 'evictions'), kindOf));
   gauge('reapi_edge_remote_in_flight', 'Calls in flight to a remote store.', S, field('remote', (n) => num(n, 'inFlight')));
@@ -418,4 +449,52 @@ function define(registry: Registry, type: 'gauge' | 'counter', name: string, hel
       },
     });
   });
+}
+
+/** What registerConnectionMetrics reads at scrape time (the REAPI port's server). */
+export interface ConnectionMetricsSource {
+  connectionCounts(): { readonly http1: number; readonly http2: number; readonly sniffing: number };
+  connectionStats(): {
+    readonly refused: number;
+    readonly headersTimeouts: number;
+    readonly requestTimeouts: number;
+    readonly idleSessionsClosed: number;
+    readonly tlsHandshakeFailures: number;
+    readonly rejectedClientCertificates: number;
+  };
+}
+
+/**
+ * Open connections of the REAPI port by protocol, and what its connection
+ * limits and deadlines did (limits.maxConnections, headersTimeoutMs,
+ * requestTimeoutMs, idleTimeoutMs, TLS handshakes and client certificates),
+ * read when Prometheus scrapes.
+ */
+export function registerConnectionMetrics(registry: Registry, source: ConnectionMetricsSource): void {
+  define(registry, 'gauge', 'reapi_edge_open_connections', 'Open client connections of the REAPI port, by protocol ("sniffing": not yet known).', ['protocol'], () => {
+    const c = source.connectionCounts();
+    return [
+      [{ protocol: 'http1' }, c.http1],
+      [{ protocol: 'http2' }, c.http2],
+      [{ protocol: 'sniffing' }, c.sniffing],
+    ];
+  });
+  define(
+    registry,
+    'counter',
+    'reapi_edge_connection_events_total',
+    'Connections the REAPI port refused or closed by its limits: refused (maxConnections), headers_timeout, request_timeout, idle_closed, tls_handshake_failure, client_cert_rejected.',
+    ['event'],
+    () => {
+      const s = source.connectionStats();
+      return [
+        [{ event: 'refused' }, s.refused],
+        [{ event: 'headers_timeout' }, s.headersTimeouts],
+        [{ event: 'request_timeout' }, s.requestTimeouts],
+        [{ event: 'idle_closed' }, s.idleSessionsClosed],
+        [{ event: 'tls_handshake_failure' }, s.tlsHandshakeFailures],
+        [{ event: 'client_cert_rejected' }, s.rejectedClientCertificates],
+      ];
+    },
+  );
 }

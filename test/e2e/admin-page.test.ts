@@ -4,12 +4,15 @@
 // port 0. The page must show the three shards closed, show a killed node's
 // shard open without a reload, drain and undrain a shard through its buttons
 // (confirm dialog, token field), refuse a drain without the token and say so,
-// fit a phone's width, and load nothing from outside its origin.
+// fit a phone's width, and load nothing from outside its origin. Then the
+// attacks a browser can make: a DNS-rebinding name for 127.0.0.1 gets 421,
+// and a page on another site can neither read the state nor post a drain.
 //
 // Screenshots go to test-output/; docs/admin-page.png is written when it is
 // missing or REAPI_UPDATE_SCREENSHOT=1.
 import { randomBytes } from 'node:crypto';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -43,6 +46,8 @@ const CHROMIUM_ARGS = [
   '--disable-background-networking',
   '--disable-component-update',
   '--disable-sync',
+  // The attacker's names: evil.example resolves to 127.0.0.1, as after a DNS rebinding.
+  '--host-resolver-rules=MAP evil.example 127.0.0.1',
 ];
 const TOKEN = 'e2e-admin-token';
 const NAMES = ['a', 'b', 'c'];
@@ -164,7 +169,12 @@ async function main(t: Test): Promise<void> {
     void (answer ? d.accept() : d.dismiss());
   });
 
-  await page.goto(base);
+  const loaded = await page.goto(base);
+  t.match(
+    loaded?.headers(),
+    { 'content-security-policy': /script-src 'self'.*frame-ancestors 'none'/, 'x-frame-options': 'DENY', 'cross-origin-opener-policy': 'same-origin' },
+    'the page is served with its security headers (and renders under them: see the console check at the end)',
+  );
   const row = (shard: string) => `tr[data-tree="cas"][data-shard="${shard}"]`;
   const stateOf = (shard: string) => page.getAttribute(`${row(shard)} .state`, 'data-state');
   const waitState = (shard: string, state: string, timeout = 10_000) =>
@@ -253,6 +263,49 @@ async function main(t: Test): Promise<void> {
 
   t.same(problems, [], 'no console errors, page errors or requests outside the origin');
   await closePage(page);
+
+  await attacks(t, browser, base, port, () => (cas.describe().shards as { name: string; state: string }[]).find((s) => s.name === 'c')?.state);
+}
+
+/**
+ * 8. What a hostile web page can do from the operator's browser: read the
+ * admin API through a rebound DNS name (refused by the Host check), read it
+ * cross-origin (no CORS), or post a form to the drain URL (refused as
+ * cross-site, before the token is even looked at).
+ */
+async function attacks(t: Test, browser: Browser, base: string, port: number, stateOfC: () => string | undefined): Promise<void> {
+  const context = await browser.newContext();
+  t.teardown(() => context.close());
+  const evilPage = await context.newPage();
+
+  // DNS rebinding: evil.example now resolves to the admin's address.
+  const rebound = await evilPage.goto(`http://evil.example:${port}/api/state`);
+  t.equal(rebound?.status(), 421, 'a rebound name gets 421 Misdirected Request');
+  t.notMatch(await rebound?.text(), /trees|version/, 'and nothing of the state');
+  const reboundPage = await evilPage.goto(`http://evil.example:${port}/`);
+  t.equal(reboundPage?.status(), 421, 'the page itself is refused under that name too');
+
+  // A page on another site, served by a server of its own.
+  const html =
+    '<!doctype html><title>evil</title>' +
+    `<form id="f" method="POST" action="${base}/api/shards/cas/c/drain" enctype="text/plain">` +
+    '<input name="{&quot;x&quot;:&quot;" value="&quot;}"></form>';
+  const evil = createServer((_req, res) => res.writeHead(200, { 'content-type': 'text/html' }).end(html));
+  await new Promise<void>((r) => evil.listen(0, '127.0.0.1', r));
+  t.teardown(() => new Promise<void>((r) => evil.close(() => r())));
+  const evilPort = (evil.address() as { port: number }).port;
+  await evilPage.goto(`http://evil.example:${evilPort}/`);
+
+  const read = await evilPage.evaluate<string>(`fetch(${JSON.stringify(`${base}/api/state`)}).then(() => 'read', (e) => 'blocked: ' + e.name)`);
+  t.equal(read, 'blocked: TypeError', 'another site cannot read /api/state (no CORS)');
+
+  const [posted] = await Promise.all([
+    evilPage.waitForResponse((r) => r.url().endsWith('/api/shards/cas/c/drain')),
+    evilPage.evaluate(`document.getElementById('f').submit()`),
+  ]);
+  t.equal(posted.status(), 403, 'a cross-site form post to the drain URL is refused');
+  t.match(await posted.text(), /cross-origin request refused \(Sec-Fetch-Site: cross-site\)/);
+  t.equal(stateOfC(), 'closed', 'c was not drained');
 }
 
 async function closePage(page: Page): Promise<void> {

@@ -21,23 +21,64 @@ export function writePrefix(out: Buffer, at: number, length: number, compressed 
 }
 
 /**
+ * Memory shared by several decoders (the streams of one HTTP/2 connection):
+ * reserve() throws (RESOURCE_EXHAUSTED) when the bytes do not fit.
+ */
+export interface BufferBudget {
+  reserve(bytes: number): void;
+  release(bytes: number): void;
+}
+
+export interface FrameDecoderOptions {
+  /** The config field of maxMessageBytes, named in the error (a server's request limit, "limits.maxMessageBytes"). */
+  readonly limitName?: string | undefined;
+  /**
+   * Charged with a message's announced length while it is assembled from
+   * several chunks, released when it completes or on dispose(). A message
+   * that arrives whole in one chunk is a view and costs nothing.
+   */
+  readonly budget?: BufferBudget | undefined;
+}
+
+/**
  * Splits a byte stream into gRPC messages, however the stream was cut into
  * chunks. A message that lies inside one chunk is returned as a view of it
  * (no copy); one spread over several chunks is joined once, when complete.
  * A message announced larger than `maxMessageBytes` fails with
- * RESOURCE_EXHAUSTED before any of it is buffered.
+ * RESOURCE_EXHAUSTED before any of it is buffered, and so does one that
+ * would be assembled beyond the budget.
  */
 export class FrameDecoder {
   readonly #maxMessageBytes: number;
+  readonly #limitName: string | undefined;
+  readonly #budget: BufferBudget | undefined;
   /** Chunks of the message (or prefix) being assembled. */
   #parts: Buffer[] = [];
   #partBytes = 0;
   /** The current message's length, or -1 while its prefix is incomplete. */
   #need = -1;
   #compressed = false;
+  /** Bytes charged to the budget for the message being assembled. */
+  #reserved = 0;
 
-  constructor(maxMessageBytes: number) {
+  constructor(maxMessageBytes: number, opts: FrameDecoderOptions = {}) {
     this.#maxMessageBytes = maxMessageBytes;
+    this.#limitName = opts.limitName;
+    this.#budget = opts.budget;
+  }
+
+  /** Drops a partial message and returns its budget (the stream ended or failed). Idempotent. */
+  dispose(): void {
+    this.#parts = [];
+    this.#partBytes = 0;
+    this.#need = -1;
+    this.#unreserve();
+  }
+
+  #unreserve(): void {
+    if (this.#reserved === 0) return;
+    this.#budget?.release(this.#reserved);
+    this.#reserved = 0;
   }
 
   /** True when no partial message is pending: the stream may end here. */
@@ -88,6 +129,11 @@ export class FrameDecoder {
         continue;
       }
       const take = Math.min(missing, available);
+      if (this.#partBytes === 0 && this.#budget !== undefined) {
+        // Assembling starts: the whole message will be held until it completes.
+        this.#budget.reserve(this.#need);
+        this.#reserved = this.#need;
+      }
       this.#parts.push(chunk.subarray(pos, pos + take));
       this.#partBytes += take;
       pos += take;
@@ -96,6 +142,7 @@ export class FrameDecoder {
         this.#parts = [];
         this.#partBytes = 0;
         this.#need = -1;
+        this.#unreserve();
         onFrame({ compressed: this.#compressed, data });
       }
     }
@@ -149,7 +196,9 @@ export class FrameDecoder {
     }
     if (length > this.#maxMessageBytes) {
       throw new ConnectError(
-        `gRPC message of ${length} bytes exceeds the limit of ${this.#maxMessageBytes} bytes`,
+        this.#limitName === undefined
+          ? `gRPC message of ${length} bytes exceeds the limit of ${this.#maxMessageBytes} bytes`
+          : `request message of ${length} bytes is larger than ${this.#limitName} (${this.#maxMessageBytes} bytes)`,
         Code.ResourceExhausted,
       );
     }

@@ -11,16 +11,25 @@ import type { FastifyInstance, FastifyServerFactory } from 'fastify';
 import type { Http2Server, Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import type { Logger } from 'pino';
 import type { AuthConfig, LimitsConfig, ServerTlsConfig } from '../config.ts';
+import { isEarlyFailureRecorder } from '../admin/metrics.ts';
+import type { EarlyFailureRecorder } from '../admin/metrics.ts';
+import { DEFAULT_LIMITS } from '../config.ts';
+import { RESET_GRACE_MS } from '../errors.ts';
+import type { BufferBudget } from '../grpc/framing.ts';
+import { createAuthorizer } from '../auth/authorizer.ts';
+import { kIdentity } from '../auth/context.ts';
 import type { ServiceDeps } from '../services/deps.ts';
 import { type RequestContext, requestContext } from '../request-context.ts';
 import { headersFromHttp2 } from '../grpc/status.ts';
 import { createByteStreamCore } from '../services/bytestream.ts';
 import { registerServices } from '../services/index.ts';
 import { createByteStreamFastPath } from './bytestream-fast-path.ts';
-import { createOnePortServer } from './listen.ts';
+import { connectionBudgets, EnvelopeWatcher, limitRequestBody, MESSAGE_LIMIT } from './input-limits.ts';
+import { createOnePortServer, peerOf } from './listen.ts';
 import type { OnePortServerOptions, RequestHandler } from './listen.ts';
-
-const MiB = 1024 * 1024;
+import { kPeer } from './peer.ts';
+import type { PeerInfo } from './peer.ts';
+import { TlsContext } from './tls.ts';
 
 export interface AppOptions {
   readonly deps: ServiceDeps;
@@ -52,14 +61,17 @@ interface CallInfo {
   readonly started: number;
   /** Set once the RPC's line is written, so it is written once. */
   logged: boolean;
+  /** Set once the interceptors run (they count the RPC in metrics; before that, the request gate does). */
+  intercepted?: boolean;
 }
 
-const kCall = createContextKey<CallInfo>({ peer: undefined, requestId: '', started: 0, logged: true });
+const kCall = createContextKey<CallInfo>({ peer: undefined, requestId: '', started: 0, logged: true, intercepted: true });
 
 /**
  * Builds (but does not start) the storage node's fastify app: every gRPC
  * service from src/services/index.ts over gRPC, gRPC-web and Connect, on one
- * port that speaks HTTP/2 cleartext (Bazel) and HTTP/1.1 (curl).
+ * port that speaks HTTP/2 (Bazel) and HTTP/1.1 (curl), cleartext or, with
+ * `tls`, TLS only (see createOnePortServer).
  * main.ts (or a test) calls `app.listen({host, port})` and `app.close()`.
  *
  * On close: health turns NOT_SERVING and Watch streams end, new connections
@@ -72,17 +84,38 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
   const { logger } = opts;
   const shutdownTimeoutMs = opts.shutdownTimeoutMs ?? 10_000;
   const draining = new AbortController();
+  const limits = opts.limits ?? opts.deps.limits ?? DEFAULT_LIMITS;
   const deps: ServiceDeps = {
     ...opts.deps,
+    limits: opts.deps.limits ?? limits,
     isReady: () => !draining.signal.aborted && opts.deps.isReady(),
   };
 
-  // Large enough for a full batch or a 16 MiB ActionResult plus framing.
-  const maxMessageBytes = Math.max(17 * MiB, deps.maxBatchTotalSizeBytes + MiB);
+  // Request size limits (README, "Limits"): binary messages are held to
+  // maxMessageBytes on every path (the fast path's and the direct routes'
+  // framing, limitRequestBody on fastify's), Connect/JSON bodies to
+  // maxJsonBodyBytes. Connect's own readMaxBytes, one for every protocol, is
+  // the larger of the two and is what bounds decompressed messages.
+  const { maxMessageBytes, maxJsonBodyBytes } = limits;
+  const connectMaxBytes = Math.max(maxMessageBytes, maxJsonBodyBytes);
+  // Bytes of partly received messages each HTTP/2 connection may hold.
+  const budgetOf = connectionBudgets(limits.maxConnectionBufferBytes);
   const shutdownError = new ConnectError('server is shutting down', Code.Unavailable);
-  const interceptors = [...(opts.interceptors ?? []), rpcInterceptor(logger, shutdownError)];
-  const callValues = (peer: string | undefined, requestId: string) =>
-    createContextValues().set(kCall, { peer, requestId, started: performance.now(), logged: false });
+  // The authorizer runs inside the logging interceptor: a denied call still
+  // gets its one log line (with the identity, which the authorizer puts in
+  // the call's context) and its metrics (outermost), and whatever it throws
+  // is mapped like any handler error. Both paths (Connect and the ByteStream
+  // fast path) run this same chain.
+  const interceptors = [
+    ...(opts.interceptors ?? []),
+    rpcInterceptor(logger, shutdownError),
+    ...(opts.auth === undefined ? [] : [createAuthorizer(opts.auth, { logger: logger.child({ component: 'auth' }) })]),
+  ];
+  // kPeer: the connection's peer (address, TLS, verified client certificate CN), computed once per connection.
+  const callValues = (peer: PeerInfo, requestId: string) =>
+    createContextValues()
+      .set(kCall, { peer: peer.address, requestId, started: performance.now(), logged: false })
+      .set(kPeer, peer);
   let fastCalls = 0;
 
   // ByteStream Read/Write over gRPC bypass fastify and Connect (see
@@ -91,20 +124,26 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     core: createByteStreamCore(deps),
     interceptors,
     // Ids of their own ("bs-N"), apart from fastify's "req-N".
-    contextValues: (req) => callValues(req.socket?.remoteAddress, `bs-${++fastCalls}`),
+    contextValues: (req) => callValues(peerOf(req), `bs-${++fastCalls}`),
     maxMessageBytes,
+    maxMessageBytesName: MESSAGE_LIMIT,
+    bufferBudget: (req) => budgetOf(req.stream.session),
     logger: logger.child({ component: 'bytestream-fast-path' }),
   });
   let fastPathKill: NodeJS.Timeout | undefined;
   // Filled once the Connect plugin has registered its handlers.
   let direct: DirectRoutes | undefined;
 
+  // Read and checked now: a bad file fails buildApp with a ConfigError naming the field.
+  const tls = opts.tls === undefined ? undefined : await TlsContext.load(opts.tls, { logger: logger.child({ component: 'tls' }) });
   const serverFactory = ((handler: RequestHandler) =>
     createOnePortServer((req, res) => {
       if ('stream' in req && fastPath.handles(req)) fastPath.serve(req);
       else if (!('stream' in req && direct?.serve(req, res as Http2ServerResponse))) handler(req, res);
     }, {
       drainTimeoutMs: shutdownTimeoutMs + 2000,
+      limits: opts.limits,
+      tls,
       ...opts.server,
       logger: logger.child({ component: 'server' }),
     })) as unknown as FastifyServerFactory<Http2Server>;
@@ -134,12 +173,20 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     connect: true,
     routes: (router) => {
       registerServices(router, deps, { draining: draining.signal });
-      direct = directRoutes(router.handlers, callValues, logger, draining.signal);
+      direct = directRoutes(router.handlers, callValues, logger, draining.signal, { maxMessageBytes, budgetOf });
+      // What fastify serves (Connect, gRPC-web, anything over HTTP/1.1) gets
+      // its body held to the limit of its encoding (the direct routes check
+      // their gRPC framing themselves, in requestBody).
+      const limited = router.handlers.map((h) => limitRequestBody(h, limits, (req) => req.contextValues?.get(kBudget)));
+      router.handlers.splice(0, router.handlers.length, ...limited);
     },
     interceptors,
-    requestGate: watchEarlyErrors(logger),
-    readMaxBytes: maxMessageBytes,
-    writeMaxBytes: maxMessageBytes,
+    requestGate: watchEarlyErrors(
+      logger,
+      (opts.interceptors ?? []).filter((i): i is Interceptor & EarlyFailureRecorder => isEarlyFailureRecorder(i)),
+    ),
+    readMaxBytes: connectMaxBytes,
+    writeMaxBytes: connectMaxBytes,
     // Never gzip responses: blobs are mostly incompressible or already
     // compressed, REAPI has its own compression (compressed-blobs/zstd), and
     // gzip of every read message made ByteStream reads 5-8x slower because
@@ -150,9 +197,21 @@ export async function buildApp(opts: AppOptions): Promise<FastifyInstance> {
     jsonOptions: { ignoreUnknownFields: false },
     shutdownTimeoutMs,
     shutdownError,
-    contextValues: (req) => callValues(req.ip, String(req.id)),
+    contextValues: (req) => {
+      const raw = req.raw as Http2ServerRequest | { stream?: undefined };
+      return callValues(peerOf(req.raw), String(req.id)).set(kBudget, budgetOf(raw.stream?.session));
+    },
   });
   return app;
+}
+
+/** The buffer budget of a fastify-served call's HTTP/2 connection (none over HTTP/1.1). */
+const kBudget = createContextKey<BufferBudget | undefined>(undefined);
+
+/** What the direct routes hold request bodies to. */
+interface DirectLimits {
+  readonly maxMessageBytes: number;
+  readonly budgetOf: (session: object | undefined) => BufferBudget | undefined;
 }
 
 /** gRPC calls over HTTP/2 straight to their Connect handler; see directRoutes. */
@@ -176,23 +235,16 @@ interface DirectRoutes {
  */
 function directRoutes(
   handlers: readonly UniversalHandler[],
-  callValues: (peer: string | undefined, requestId: string) => ContextValues,
+  callValues: (peer: PeerInfo, requestId: string) => ContextValues,
   logger: Logger,
   closing: AbortSignal,
+  limits: DirectLimits,
 ): DirectRoutes {
   const byPath = new Map(handlers.map((h) => [h.requestPath, h]));
   let calls = 0;
-  // The peer's address once per connection: req.socket is a Proxy onto the
-  // session's socket, and reading through it cost ~1% per call.
-  const peers = new WeakMap<object, string | undefined>();
-  const peerOf = (req: Http2ServerRequest): string | undefined => {
-    const session = req.stream.session;
-    if (session === undefined) return req.socket?.remoteAddress;
-    if (peers.has(session)) return peers.get(session);
-    const peer = req.socket?.remoteAddress;
-    peers.set(session, peer);
-    return peer;
-  };
+  // peerOf: the peer once per connection (a WeakMap lookup by session);
+  // req.socket is a Proxy onto the session's socket, and reading through it
+  // cost ~1% per call.
   return {
     serve(req, res) {
       if (closing.aborted) return false;
@@ -201,12 +253,21 @@ function directRoutes(
       void (async () => {
         try {
           const values = callValues(peerOf(req), `rpc-${++calls}`);
-          const uRes = await handler(grpcRequest(req, values));
+          const watcher = new EnvelopeWatcher(limits.maxMessageBytes, MESSAGE_LIMIT, limits.budgetOf(req.stream.session));
+          const uRes = await handler(grpcRequest(req, res, values, watcher));
           await universalResponseToNodeResponse(uRes, res);
         } catch (err) {
-          // As connect-fastify does: an aborted call is the client's doing.
-          if (ConnectError.from(err).code === Code.Aborted) return;
-          logger.error({ err, rpc: `${handler.service.typeName}/${handler.method.name}` }, 'rpc handler failed');
+          const rpc = `${handler.service.typeName}/${handler.method.name}`;
+          // As connect-fastify does: an aborted call is the client's doing;
+          // so is a response that could not be written to a stream the
+          // client reset or whose connection it closed (the RPC's own line
+          // already says how it ended).
+          const code = ConnectError.from(err).code;
+          if (code === Code.Aborted || code === Code.Canceled || req.stream.destroyed || req.stream.rstCode !== undefined) {
+            logger.debug({ rpc, error: err instanceof Error ? err.message : String(err) }, 'rpc response not delivered: the client went away');
+            return;
+          }
+          logger.error({ err, rpc }, 'rpc handler failed');
         }
       })();
       return true;
@@ -225,15 +286,28 @@ function directRoutes(
  * the shared CALL_ENDED. A stream reset by the client aborts it with the
  * ConnectError the gRPC HTTP/2 protocol maps the reset code to.
  */
-function grpcRequest(req: Http2ServerRequest, contextValues: ContextValues): UniversalServerRequest {
+function grpcRequest(
+  req: Http2ServerRequest,
+  res: Http2ServerResponse,
+  contextValues: ContextValues,
+  watcher: EnvelopeWatcher,
+): UniversalServerRequest {
   const controller = new AbortController();
-  req.once('close', () => controller.abort(resetError(req.stream.rstCode) ?? CALL_ENDED));
+  // A stream that closes before the response was written was closed by the
+  // client, even without a reset code (node closes the streams of a lost
+  // connection so, bar the first): that is a cancellation too.
+  req.once('close', () =>
+    controller.abort(
+      resetError(req.stream.rstCode) ??
+        (res.writableEnded ? CALL_ENDED : new ConnectError('the client closed the stream or its connection', Code.Canceled)),
+    ),
+  );
   return {
     httpVersion: req.httpVersion,
     method: req.method,
     url: `http://${req.authority}${req.url}`,
     header: headersFromHttp2(req.headers),
-    body: requestBody(req),
+    body: requestBody(req, watcher),
     signal: controller.signal,
     contextValues,
   };
@@ -246,13 +320,24 @@ function grpcRequest(req: Http2ServerRequest, contextValues: ContextValues): Uni
  * at 3,000 GetActionResult calls/s; it keeps that iterator's semantics: a
  * stream closed before its end is an error (here ABORTED, or the error of
  * the client's reset), and stopping early destroys the stream.
+ *
+ * The gRPC framing is watched as it goes by (`watcher`): a message
+ * announced larger than maxMessageBytes, or one the connection's buffer
+ * budget cannot hold, fails the call with RESOURCE_EXHAUSTED at its prefix,
+ * and the rest of the request is read and dropped. A stream that ends
+ * inside a message waits RESET_GRACE_MS for the reset a cancelling Node
+ * client sends after its END_STREAM, so such a cancellation is reported as
+ * one rather than as a truncated request.
  */
-function requestBody(req: Http2ServerRequest): AsyncIterable<Uint8Array> {
+function requestBody(req: Http2ServerRequest, watcher: EnvelopeWatcher): AsyncIterable<Uint8Array> {
   return {
     [Symbol.asyncIterator](): AsyncIterator<Uint8Array> {
       const queue: Uint8Array[] = [];
       let ended = false;
       let failure: unknown;
+      // A limit the request broke; reported before anything else.
+      let rejected: unknown;
+      let endTimer: NodeJS.Timeout | undefined;
       let wake: (() => void) | undefined;
       const notify = () => {
         const w = wake;
@@ -260,28 +345,51 @@ function requestBody(req: Http2ServerRequest): AsyncIterable<Uint8Array> {
         w?.();
       };
       const onData = (chunk: Uint8Array) => {
+        if (rejected !== undefined) return; // read and dropped, so the client is not stalled
+        try {
+          watcher.push(chunk);
+        } catch (err) {
+          rejected = err;
+          watcher.release();
+          queue.length = 0;
+          if (req.isPaused()) req.resume();
+          notify();
+          return;
+        }
         queue.push(chunk);
         if (queue.length >= BODY_QUEUE_HIGH) req.pause();
         notify();
       };
       const onEnd = () => {
-        ended = true;
-        notify();
+        watcher.release();
+        if (watcher.idle || rejected !== undefined) {
+          ended = true;
+          notify();
+          return;
+        }
+        endTimer = setTimeout(() => {
+          ended = true;
+          notify();
+        }, RESET_GRACE_MS);
       };
       const onError = (err: unknown) => {
         failure ??= err;
         notify();
       };
       const onClose = () => {
+        watcher.release();
+        clearTimeout(endTimer);
         if (!ended) failure ??= new Error('the request stream closed before its end');
         notify();
       };
       // The 'error' listener stays: an error after we are done must not
       // become an uncaught exception.
       const detach = () => {
-        req.off('data', onData);
         req.off('end', onEnd);
         req.off('close', onClose);
+        clearTimeout(endTimer);
+        watcher.release();
+        if (rejected === undefined) req.off('data', onData);
       };
       req.on('data', onData);
       req.on('end', onEnd);
@@ -293,6 +401,10 @@ function requestBody(req: Http2ServerRequest): AsyncIterable<Uint8Array> {
           if (chunk !== undefined) {
             if (queue.length === 0 && req.isPaused()) req.resume();
             return { done: false, value: chunk };
+          }
+          if (rejected !== undefined) {
+            detach();
+            throw rejected;
           }
           if (ended) {
             detach();
@@ -314,7 +426,7 @@ function requestBody(req: Http2ServerRequest): AsyncIterable<Uint8Array> {
         return: async () => {
           detach();
           queue.length = 0;
-          if (!ended) req.destroy();
+          if (!ended && rejected === undefined) req.destroy();
           return { done: true, value: undefined };
         },
       };
@@ -357,16 +469,24 @@ const RESET_CODES = new Map<number, Code>([
  * thrown that is not a ConnectError becomes INTERNAL "internal error", with
  * the original kept in the log only. An RPC cancelled by the shutdown
  * timeout fails with UNAVAILABLE (retry elsewhere), whatever error the store
- * made of the cancellation.
+ * made of the cancellation. An RPC whose client went away while it ran
+ * (reset its stream, closed the connection) is CANCELLED, logged at debug
+ * without a stack and counted as such by the metrics interceptor outside,
+ * whatever the handler made of the lost request (a premature close, a
+ * truncated upload, a failed write).
  */
 function rpcInterceptor(logger: Logger, shutdownError: ConnectError): Interceptor {
   return (next) => async (req) => {
     const call = req.contextValues.get(kCall);
+    call.intercepted = true;
     let requestMessages = req.stream ? 0 : 1;
     const mapError = (err: unknown): ConnectError => {
       const ce = toClientError(err);
       if (req.signal.reason === shutdownError && ce !== shutdownError) {
         return new ConnectError(`${shutdownError.rawMessage} (${ce.rawMessage})`, shutdownError.code, undefined, undefined, ce);
+      }
+      if (ce.code !== Code.Canceled && clientWentAway(req.signal)) {
+        return new ConnectError(`client cancelled (${ce.rawMessage})`, Code.Canceled, undefined, undefined, ce);
       }
       return ce;
     };
@@ -388,6 +508,8 @@ function rpcInterceptor(logger: Logger, shutdownError: ConnectError): Intercepto
         peer: call.peer,
         reqId: call.requestId,
       };
+      const identity = req.contextValues.get(kIdentity);
+      if (identity !== undefined) fields.identity = identity;
       if (shardsOf !== undefined && shardsOf.size > 0) fields.shards = [...shardsOf];
       if (req.stream) fields.messagesIn = requestMessages;
       if (req.method.methodKind === 'server_streaming' || req.method.methodKind === 'bidi_streaming') {
@@ -461,6 +583,20 @@ function rpcInterceptor(logger: Logger, shutdownError: ConnectError): Intercepto
   };
 }
 
+/**
+ * True once the call's signal says the client is gone: its HTTP/2 stream was
+ * reset with CANCEL (a closed connection resets its streams so too), or,
+ * over HTTP/1.1, the connection closed or was reset before the call ended
+ * (connect-node reports that as ABORTED). CALL_ENDED (normal completion) and
+ * the reasons the server gives itself (deadline, shutdown) are not.
+ */
+function clientWentAway(signal: AbortSignal): boolean {
+  if (!signal.aborted) return false;
+  const reason: unknown = signal.reason;
+  if (reason instanceof ConnectError) return reason.code === Code.Canceled || reason.code === Code.Aborted;
+  return reason !== CALL_ENDED && reason instanceof Error && reason.name === 'AbortError';
+}
+
 function toClientError(err: unknown): ConnectError {
   if (err instanceof ConnectError) return err;
   if (err instanceof Error && err.name === 'AbortError') {
@@ -489,12 +625,25 @@ function logRpc(logger: Logger, fields: Record<string, unknown>, code: Code | un
 
 /**
  * connect-es reports a request body that is not valid protobuf as INTERNAL
- * ("parse binary: ..."). That is the client's fault, and INTERNAL would also
- * count against a shard's circuit breaker, so we report INVALID_ARGUMENT
- * naming the message type. Returns undefined for any other error.
+ * ("parse binary: ..."), and connect-node one that does not decompress as
+ * INTERNAL "decompression failed". Both are the client's fault, and INTERNAL
+ * would also count against a shard's circuit breaker, so we report
+ * INVALID_ARGUMENT naming the message type. Returns undefined for any other
+ * error.
  */
 function reclassify(err: unknown, method: DescMethod): ConnectError | undefined {
   if (!(err instanceof ConnectError) || err.code !== Code.Internal) return undefined;
+  // connect-node's word for a compressed message that does not inflate (the
+  // fast path says INVALID_ARGUMENT too).
+  if (err.rawMessage === 'decompression failed') {
+    return new ConnectError(
+      `request is not a valid ${method.input.typeName} message: it does not decompress with its grpc-encoding`,
+      Code.InvalidArgument,
+      undefined,
+      undefined,
+      err,
+    );
+  }
   const m = /^parse binary: (.*)$/s.exec(err.rawMessage);
   if (m === null) return undefined;
   return new ConnectError(
@@ -514,9 +663,12 @@ function reclassify(err: unknown, method: DescMethod): ConnectError | undefined 
  * listener installed by the request gate (which runs before the body is
  * read) sees it first: it logs the RPC's line and turns protobuf parse
  * failures into INVALID_ARGUMENT by rewriting the error in place. Mutating
- * the error is a deliberate hack, confined to this one case.
+ * the error is a deliberate hack, confined to this one case. An RPC that
+ * ends so before any interceptor ran (its request never arrived whole: the
+ * client cancelled it, or it broke a limit; or it did not parse) is counted
+ * by `recorders` (the metrics interceptor), which never saw it.
  */
-function watchEarlyErrors(logger: Logger): (ctx: HandlerContext) => void {
+function watchEarlyErrors(logger: Logger, recorders: readonly EarlyFailureRecorder[]): (ctx: HandlerContext) => void {
   return (ctx) => {
     const call = ctx.values.get(kCall);
     // connect-es aborts every call's context when it ends, mostly without a
@@ -542,19 +694,28 @@ function watchEarlyErrors(logger: Logger): (ctx: HandlerContext) => void {
           target.rawMessage = replacement.rawMessage;
           target.message = replacement.message;
         }
+        // ABORTED on the signal is connect-node's word for a client that hung
+        // up mid-request (ECONNRESET, a destroyed stream): a cancellation.
+        const code = reason.code === Code.Aborted ? Code.Canceled : reason.code;
+        if (call.intercepted !== true) {
+          call.intercepted = true;
+          const seconds = (performance.now() - call.started) / 1000;
+          const counted = code === reason.code ? reason : new ConnectError(reason.rawMessage, code);
+          for (const r of recorders) r.recordEarlyFailure(ctx.service.typeName, ctx.method.name, counted, seconds);
+        }
         if (call.logged) return;
         call.logged = true;
         logRpc(
           logger,
           {
             rpc: `${ctx.service.typeName}/${ctx.method.name}`,
-            code: Code[reason.code],
+            code: Code[code],
             ms: elapsedMs(call),
             peer: call.peer,
             reqId: call.requestId,
             error: reason.rawMessage,
           },
-          reason.code,
+          code,
         );
       },
       { once: true },

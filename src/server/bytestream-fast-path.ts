@@ -7,7 +7,8 @@ import { ByteStream } from '../../gen/google/bytestream/bytestream_pb.ts';
 import type { ReadRequestFields, WriteRequestFields } from '../grpc/bytestream-codec.ts';
 import { decodeReadRequest, decodeWriteRequest, encodeWriteResponse, readResponseHeader } from '../grpc/bytestream-codec.ts';
 import { FrameDecoder } from '../grpc/framing.ts';
-import type { Frame } from '../grpc/framing.ts';
+import type { BufferBudget, Frame } from '../grpc/framing.ts';
+import { RESET_GRACE_MS } from '../errors.ts';
 import { encodeGrpcMessage, headersFromHttp2, parseGrpcTimeout } from '../grpc/status.ts';
 import type { ByteStreamCore } from '../services/bytestream.ts';
 import { READ_CHUNK_BYTES } from '../services/bytestream.ts';
@@ -30,6 +31,13 @@ export interface FastPathOptions {
   readonly contextValues: (req: Http2ServerRequest) => ContextValues;
   /** Largest request message accepted (RESOURCE_EXHAUSTED beyond). */
   readonly maxMessageBytes: number;
+  /** The config field maxMessageBytes comes from, for error messages. */
+  readonly maxMessageBytesName?: string | undefined;
+  /**
+   * The memory budget of the call's connection: request messages assembled
+   * from several chunks are charged to it while they are (see FrameDecoder).
+   */
+  readonly bufferBudget?: ((req: Http2ServerRequest) => BufferBudget | undefined) | undefined;
   readonly logger: Logger;
 }
 
@@ -128,7 +136,7 @@ class FastCall {
           timeoutMs,
         );
       }
-      const decompress = decompressorFor(headers['grpc-encoding'], this.#opts.maxMessageBytes);
+      const decompress = decompressorFor(headers['grpc-encoding'], this.#opts.maxMessageBytes, this.#opts.maxMessageBytesName);
       const isRead = this.#req.url === READ_PATH;
       const method = isRead ? ByteStream.method.read : ByteStream.method.write;
       const request: StreamRequest = {
@@ -142,7 +150,10 @@ class FastCall {
         contextValues: this.#opts.contextValues(this.#req),
         message: new RequestMessages(
           stream,
-          this.#opts.maxMessageBytes,
+          new FrameDecoder(this.#opts.maxMessageBytes, {
+            limitName: this.#opts.maxMessageBytesName,
+            budget: this.#opts.bufferBudget?.(this.#req),
+          }),
           decompress,
           (isRead ? decodeReadRequest : decodeWriteRequest) as (buf: Buffer) => object,
           this.#ctl.signal,
@@ -312,7 +323,9 @@ function drained(stream: ServerHttp2Stream, signal: AbortSignal): Promise<void> 
 /**
  * The request's messages as an async iterable, decoded as they arrive.
  * Backpressure: once QUEUE_HIGH_BYTES of decoded data wait for the consumer
- * the stream is paused, so HTTP/2 flow control stops the client.
+ * the stream is paused, so HTTP/2 flow control stops the client. The
+ * decoder's partial message (and its charge to the connection's budget) is
+ * dropped as soon as the request fails or its stream closes.
  */
 class RequestMessages<T extends object> implements AsyncIterable<T> {
   readonly #stream: ServerHttp2Stream;
@@ -324,13 +337,12 @@ class RequestMessages<T extends object> implements AsyncIterable<T> {
 
   constructor(
     stream: ServerHttp2Stream,
-    maxMessageBytes: number,
+    decoder: FrameDecoder,
     decompress: ((frame: Frame) => Buffer) | undefined,
     decode: (buf: Buffer) => T,
     signal: AbortSignal,
   ) {
     this.#stream = stream;
-    const decoder = new FrameDecoder(maxMessageBytes);
     const onFrame = (frame: Frame) => {
       let data = frame.data;
       if (frame.compressed) {
@@ -349,24 +361,35 @@ class RequestMessages<T extends object> implements AsyncIterable<T> {
         decoder.push(chunk, onFrame);
       } catch (err) {
         this.#error = err;
+        decoder.dispose();
       }
       if (this.#queuedBytes > QUEUE_HIGH_BYTES) stream.pause();
       this.#notify();
     });
     stream.once('end', () => {
-      if (!decoder.idle && this.#error === undefined) {
-        this.#error = new ConnectError(
-          `the request ended inside a message (${decoder.pendingBytes} bytes of it received)`,
-          Code.InvalidArgument,
-        );
+      if (decoder.idle || this.#error !== undefined) {
+        this.#ended = true;
+        this.#notify();
+        return;
       }
-      this.#ended = true;
-      this.#notify();
+      // Inside a message: a client error, unless the stream is being reset
+      // (a cancelling Node client ends the stream first; see RESET_GRACE_MS),
+      // which aborts the call's signal with CANCELLED meanwhile.
+      const pending = decoder.pendingBytes;
+      decoder.dispose();
+      const timer = setTimeout(() => {
+        this.#error ??= new ConnectError(`the request ended inside a message (${pending} bytes of it received)`, Code.InvalidArgument);
+        this.#ended = true;
+        this.#notify();
+      }, RESET_GRACE_MS);
+      signal.addEventListener('abort', () => clearTimeout(timer), { once: true });
     });
+    stream.once('close', () => decoder.dispose());
     signal.addEventListener(
       'abort',
       () => {
         this.#error ??= signal.reason;
+        decoder.dispose();
         this.#notify();
       },
       { once: true },
@@ -398,7 +421,11 @@ class RequestMessages<T extends object> implements AsyncIterable<T> {
   }
 }
 
-function decompressorFor(encoding: string | string[] | undefined, maxBytes: number): ((frame: Frame) => Buffer) | undefined {
+function decompressorFor(
+  encoding: string | string[] | undefined,
+  maxBytes: number,
+  limitName: string | undefined,
+): ((frame: Frame) => Buffer) | undefined {
   const name = (Array.isArray(encoding) ? encoding[0] : encoding)?.trim().toLowerCase();
   if (name === undefined || name === 'identity') return undefined;
   const inflate = name === 'gzip' ? gunzipSync : name === 'deflate' ? inflateSync : undefined;
@@ -410,7 +437,8 @@ function decompressorFor(encoding: string | string[] | undefined, maxBytes: numb
       return inflate(frame.data, { maxOutputLength: maxBytes });
     } catch (err) {
       if ((err as { code?: unknown }).code === 'ERR_BUFFER_TOO_LARGE') {
-        throw new ConnectError(`a ${name}-compressed message inflates past ${maxBytes} bytes`, Code.ResourceExhausted);
+        const which = limitName === undefined ? '' : ` (${limitName})`;
+        throw new ConnectError(`a ${name}-compressed message inflates past ${maxBytes} bytes${which}`, Code.ResourceExhausted);
       }
       throw new ConnectError(`a ${name}-compressed message does not decompress: ${String(err)}`, Code.InvalidArgument);
     }

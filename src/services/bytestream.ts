@@ -7,8 +7,10 @@ import type { ByteStream } from '../../gen/google/bytestream/bytestream_pb.ts';
 import type { ReadRequestFields, WriteRequestFields } from '../grpc/bytestream-codec.ts';
 import type { Digest } from '../digest.ts';
 import { digestString, isEmptyDigest } from '../digest.ts';
-import { toConnectError, withPrefix } from '../errors.ts';
+import { DEFAULT_LIMITS } from '../config.ts';
+import { abortedWithin, RESET_GRACE_MS, toConnectError, withPrefix } from '../errors.ts';
 import type { ServiceDeps } from './deps.ts';
+import { quote } from './instance-name.ts';
 import { parseReadResourceName, parseWriteResourceName } from './resource-name.ts';
 
 /**
@@ -43,6 +45,16 @@ const ZSTD_CHUNK_BYTES = 64 * 1024;
  *   QueryWriteStatus reports committed_size 0 until the blob is stored, and
  *   every Write must start at write_offset 0. Bazel then restarts an
  *   interrupted upload from the beginning, which the protocol allows.
+ * - Limits (config "limits"): a Write whose resource name declares a blob
+ *   larger than maxBlobSizeBytes is INVALID_ARGUMENT before any byte is
+ *   read: the size is a property of the request, and a retry (which
+ *   RESOURCE_EXHAUSTED would invite from Bazel) could only fail the same
+ *   way. A zstd upload whose frame asks for a window larger than
+ *   2^maxZstdWindowLog bytes is INVALID_ARGUMENT as soon as its frame header
+ *   arrives, before the decoder allocates the window (zstd --long=27 asks for
+ *   128 MiB; the default cap, 2^23 = 8 MiB, is the largest window zstd's
+ *   standard levels 1-19 use); decompressed bytes past the digest's size are
+ *   refused by the store's verification as they come.
  */
 export function createByteStreamService(deps: ServiceDeps, core = createByteStreamCore(deps)): ServiceImpl<typeof ByteStream> {
   return {
@@ -72,8 +84,9 @@ export interface ByteStreamCore {
   queryWriteStatus(resourceName: string, signal: AbortSignal): Promise<{ committedSize: bigint; complete: boolean }>;
 }
 
-export function createByteStreamCore(deps: Pick<ServiceDeps, 'cas' | 'logger'>): ByteStreamCore {
+export function createByteStreamCore(deps: Pick<ServiceDeps, 'cas' | 'logger' | 'limits'>): ByteStreamCore {
   const { cas, logger } = deps;
+  const { maxBlobSizeBytes, maxZstdWindowLog } = deps.limits ?? DEFAULT_LIMITS;
 
   /** Whether the CAS already holds `digest`. With `lenient`, a failing lookup counts as "no". */
   async function isStored(digest: Digest, signal: AbortSignal, lenient: boolean): Promise<boolean> {
@@ -145,6 +158,13 @@ export function createByteStreamCore(deps: Pick<ServiceDeps, 'cas' | 'logger'>):
         throw new ConnectError('Write: the first message must set resource_name', Code.InvalidArgument);
       }
       const resource = parseWriteResourceName(name);
+      if (resource.digest.size > maxBlobSizeBytes) {
+        throw new ConnectError(
+          `Write ${quote(clip(name))}: the blob is ${resource.digest.size} bytes, larger than limits.maxBlobSizeBytes ` +
+            `(${maxBlobSizeBytes} bytes) on this server`,
+          Code.InvalidArgument,
+        );
+      }
       const compressed = resource.compressor !== 'identity';
       // What the spec says to answer when the blob was already there.
       const alreadyStored = compressed ? -1n : BigInt(resource.digest.size);
@@ -154,15 +174,15 @@ export function createByteStreamCore(deps: Pick<ServiceDeps, 'cas' | 'logger'>):
         return alreadyStored;
       }
 
-      const upload = new IncomingUpload(name, it, first.value);
+      const upload = new IncomingUpload(name, it, first.value, signal);
       let data = upload.chunks();
-      if (compressed) data = zstdDecompress(data);
+      if (compressed) data = zstdDecompress(data, maxZstdWindowLog);
       try {
         await cas.put(resource.digest, data, { signal });
       } catch (err) {
         // Our own complaint about the stream is more precise than whatever a
         // store made of it on the way back up.
-        throw upload.error ?? withPrefix(`Write "${clip(name)}"`, err);
+        throw upload.error ?? withPrefix(`Write ${quote(clip(name))}`, err);
       }
       if (!upload.completed) {
         // The store stopped consuming before the end: it already had the blob.
@@ -197,6 +217,7 @@ class IncomingUpload {
   readonly #name: string;
   readonly #it: AsyncIterator<WriteRequestFields>;
   readonly #first: WriteRequestFields;
+  readonly #signal: AbortSignal;
   /** Bytes received so far, as they came over the wire (compressed or not). */
   received = 0n;
   /** True once finish_write was seen and the stream ended cleanly after it. */
@@ -204,10 +225,11 @@ class IncomingUpload {
   /** The first protocol violation found, if any. */
   error: ConnectError | undefined;
 
-  constructor(name: string, it: AsyncIterator<WriteRequestFields>, first: WriteRequestFields) {
+  constructor(name: string, it: AsyncIterator<WriteRequestFields>, first: WriteRequestFields, signal: AbortSignal) {
     this.#name = name;
     this.#it = it;
     this.#first = first;
+    this.#signal = signal;
   }
 
   async *chunks(): AsyncGenerator<Uint8Array> {
@@ -221,6 +243,12 @@ class IncomingUpload {
       if (msg.finishWrite) break;
       const next = await this.#it.next();
       if (next.done === true) {
+        // A cancelling Node client ends the stream before it resets it (see
+        // RESET_GRACE_MS): give the reset a moment to arrive, and report the
+        // cancellation rather than a client error if it does.
+        if (await abortedWithin(this.#signal, RESET_GRACE_MS)) {
+          throw new ConnectError('client cancelled', Code.Canceled, undefined, undefined, this.#signal.reason);
+        }
         throw this.#fail(`the stream ended after ${this.received} bytes without finish_write`);
       }
       msg = next.value;
@@ -238,7 +266,7 @@ class IncomingUpload {
 
   #check(msg: WriteRequestFields): void {
     if (msg.resourceName !== '' && msg.resourceName !== this.#name) {
-      throw this.#fail(`resource_name changed mid-stream to "${clip(msg.resourceName)}"`);
+      throw this.#fail(`resource_name changed mid-stream to ${quote(clip(msg.resourceName))}`);
     }
     if (msg.writeOffset !== this.received) {
       if (this.received === 0n) {
@@ -252,7 +280,7 @@ class IncomingUpload {
   }
 
   #fail(problem: string): ConnectError {
-    this.error = new ConnectError(`Write "${clip(this.#name)}": ${problem}`, Code.InvalidArgument);
+    this.error = new ConnectError(`Write ${quote(clip(this.#name))}: ${problem}`, Code.InvalidArgument);
     return this.error;
   }
 }
@@ -309,20 +337,29 @@ function zstdCompress(source: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Ar
   return throughTransform(source, z, (err) => toConnectError(err));
 }
 
-function zstdDecompress(source: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {
-  const z = createZstdDecompress({ chunkSize: ZSTD_CHUNK_BYTES });
-  return throughTransform(
-    source,
-    z,
-    (err) =>
-      new ConnectError(
-        `the uploaded data is not valid zstd: ${err instanceof Error ? err.message : String(err)}`,
+function zstdDecompress(source: AsyncIterable<Uint8Array>, maxWindowLog: number): AsyncGenerator<Uint8Array> {
+  // The decoder refuses a frame whose window is larger than this before it
+  // allocates it (the window is the memory a frame costs to decode).
+  const z = createZstdDecompress({ chunkSize: ZSTD_CHUNK_BYTES, params: { [zlibConstants.ZSTD_d_windowLogMax]: maxWindowLog } });
+  return throughTransform(source, z, (err) => {
+    if ((err as { code?: unknown }).code === 'ZSTD_error_frameParameter_windowTooLarge') {
+      return new ConnectError(
+        `the uploaded zstd frame needs a window larger than 2^${maxWindowLog} bytes (limits.maxZstdWindowLog ${maxWindowLog}); ` +
+          `compress with a window of at most 2^${maxWindowLog} bytes (e.g. zstd --long=${maxWindowLog} or less)`,
         Code.InvalidArgument,
         undefined,
         undefined,
         err,
-      ),
-  );
+      );
+    }
+    return new ConnectError(
+      `the uploaded data is not valid zstd: ${err instanceof Error ? err.message : String(err)}`,
+      Code.InvalidArgument,
+      undefined,
+      undefined,
+      err,
+    );
+  });
 }
 
 function clip(s: string): string {

@@ -18,6 +18,7 @@ import {
   DirectorySchema,
 } from '../../gen/build/bazel/remote/execution/v2/remote_execution_pb.ts';
 import { StatusSchema } from '../../gen/google/rpc/status_pb.ts';
+import { DEFAULT_LIMITS } from '../config.ts';
 import type { Digest } from '../digest.ts';
 import { digestKey, digestString, fromProtoDigest, isEmptyDigest, sha256Hex, toProtoDigest, validProtoDigest } from '../digest.ts';
 import { isCode, isInfrastructureError, toConnectError } from '../errors.ts';
@@ -63,14 +64,29 @@ export const GET_TREE_MAX_PAGE_BYTES = 3 * 1024 * 1024;
  *   the client uploaded is wrong, not our storage); a missing directory is
  *   NOT_FOUND naming its digest and path.
  * - SplitBlob / SpliceBlob are UNIMPLEMENTED (capabilities say so).
+ * - Limits (config "limits"): more digests in one FindMissingBlobs than
+ *   maxFindMissingDigests, or in one BatchReadBlobs / BatchUpdateBlobs than
+ *   maxBatchBlobs, fail the call with INVALID_ARGUMENT naming the count and
+ *   the limit, before any digest is parsed or looked up. INVALID_ARGUMENT and
+ *   not RESOURCE_EXHAUSTED: the request can never succeed as sent, and Bazel
+ *   retries RESOURCE_EXHAUSTED with backoff (the same request, to fail again)
+ *   but reports INVALID_ARGUMENT at once with its message, which then says
+ *   what to change. A BatchUpdateBlobs entry whose digest is larger than
+ *   maxBlobSizeBytes fails that entry with INVALID_ARGUMENT (it cannot be in
+ *   a batch anyway while maxBlobSizeBytes exceeds the batch limit, which the
+ *   defaults make so).
  */
 export function createCasService(deps: ServiceDeps): ServiceImpl<typeof ContentAddressableStorage> {
   const { cas } = deps;
+  const { maxFindMissingDigests, maxBatchBlobs, maxBlobSizeBytes, maxMessageBytes } = deps.limits ?? DEFAULT_LIMITS;
+  // A GetTree page must fit in one response message with room for framing.
+  const maxPageBytes = Math.min(GET_TREE_MAX_PAGE_BYTES, Math.floor((maxMessageBytes * 3) / 4));
 
   return {
     async findMissingBlobs(req, ctx) {
       validateInstanceName(req.instanceName);
       checkDigestFunction(req.digestFunction);
+      checkCount('FindMissingBlobs', 'blob_digests', req.blobDigests.length, maxFindMissingDigests, 'limits.maxFindMissingDigests');
       // Hot path (10,000 digests a call from Bazel): one pass, no per-digest
       // strings. Digests are deduplicated by hash (a string whose hash code
       // V8 caches), with a digestKey set only for the pathological case of
@@ -112,6 +128,7 @@ export function createCasService(deps: ServiceDeps): ServiceImpl<typeof ContentA
     async batchUpdateBlobs(req, ctx) {
       validateInstanceName(req.instanceName);
       checkDigestFunction(req.digestFunction);
+      checkCount('BatchUpdateBlobs', 'requests', req.requests.length, maxBatchBlobs, 'limits.maxBatchBlobs');
       const digests = req.requests.map((r, i) => fromProtoDigest(r.digest, `requests[${i}].digest`));
       const total = req.requests.reduce((sum, r) => sum + r.data.byteLength, 0);
       if (total > deps.maxBatchTotalSizeBytes) {
@@ -128,6 +145,12 @@ export function createCasService(deps: ServiceDeps): ServiceImpl<typeof ContentA
           if (r.compressor !== Compressor_Value.IDENTITY) {
             throw new ConnectError(
               `requests[${i}]: compressor ${compressorName(r.compressor)} is not supported by BatchUpdateBlobs, send IDENTITY`,
+              Code.InvalidArgument,
+            );
+          }
+          if (d.size > maxBlobSizeBytes) {
+            throw new ConnectError(
+              `requests[${i}]: blob ${digestString(d)} is larger than limits.maxBlobSizeBytes (${maxBlobSizeBytes} bytes) on this server`,
               Code.InvalidArgument,
             );
           }
@@ -160,6 +183,7 @@ export function createCasService(deps: ServiceDeps): ServiceImpl<typeof ContentA
     async batchReadBlobs(req, ctx) {
       validateInstanceName(req.instanceName);
       checkDigestFunction(req.digestFunction);
+      checkCount('BatchReadBlobs', 'digests', req.digests.length, maxBatchBlobs, 'limits.maxBatchBlobs');
       // acceptable_compressors is ignored on purpose: IDENTITY is always
       // acceptable, and it is the only encoding we return.
       const digests = req.digests.map((pd, i) => fromProtoDigest(pd, `digests[${i}]`));
@@ -219,7 +243,7 @@ export function createCasService(deps: ServiceDeps): ServiceImpl<typeof ContentA
       for await (const { directory, size } of walkDirectories(cas, root, ctx.signal)) {
         const at = position++;
         if (at < skip) continue;
-        if (page.length > 0 && (page.length >= pageSize || pageBytes + size > GET_TREE_MAX_PAGE_BYTES)) {
+        if (page.length > 0 && (page.length >= pageSize || pageBytes + size > maxPageBytes)) {
           // Emitted only once the next directory is known to exist, so the
           // last page is the one with an empty token.
           yield { directories: page, nextPageToken: encodePageToken(root, at) };
@@ -268,6 +292,15 @@ function inRequestOrder(asked: readonly Digest[], protos: readonly ProtoDigest[]
   if (out.length === missingSet.size) return out;
   const missingKeys = new Set(missing.map(digestKey));
   return protos.filter((_, i) => missingKeys.has(digestKey(asked[i]!)));
+}
+
+/** INVALID_ARGUMENT when a request lists more entries than a limit allows (see createCasService). */
+function checkCount(rpc: string, field: string, count: number, limit: number, limitName: string): void {
+  if (count <= limit) return;
+  throw new ConnectError(
+    `${rpc}: ${field} has ${count} entries, more than ${limitName} (${limit}) allows in one request; split it into several requests`,
+    Code.InvalidArgument,
+  );
 }
 
 /**

@@ -1,15 +1,15 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import type { FileHandle } from 'node:fs/promises';
 import { statSync } from 'node:fs';
-import { mkdir, open, readdir, readFile, rename, rm, unlink, utimes } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, open, readdir, readFile, rename, rm, unlink, utimes, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { Code, ConnectError } from '@connectrpc/connect';
 import type { Logger } from 'pino';
 import { abortable, mapLimit } from '../concurrency.ts';
 import type { Digest } from '../digest.ts';
 import { digestString, EMPTY_SHA256, isEmptyDigest, SHA256_HEX_LENGTH } from '../digest.ts';
-import { notFound, throwIfAborted, toConnectError } from '../errors.ts';
+import { notFound, storageError, throwIfAborted, toConnectError } from '../errors.ts';
 import { resolveRange, verifying } from '../streams.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
 
@@ -52,6 +52,13 @@ interface Entry {
 }
 
 const TMP_DIR = 'tmp';
+/** AC only: `ns/<sha256 of the namespace>/` holds each namespace but the default one. */
+const NS_DIR = 'ns';
+/** In each namespace directory: the namespace itself (UTF-8), for operators. */
+const NS_NAME_FILE = 'name';
+const NS_DIR_NAME = /^[0-9a-f]{64}$/;
+/** Namespace -> directory names remembered (the set is cleared when full). */
+const NS_DIR_MEMO = 4096;
 const READ_CHUNK_BYTES = 256 * 1024;
 const SCAN_CONCURRENCY = 32;
 const STAT_BATCH = 1000;
@@ -81,7 +88,29 @@ interface CachedValue {
  * (verified on the fly against the digest in a CAS), is fsync'd, and is
  * renamed into place only when complete and valid, so readers and restarts
  * never see a partial blob; concurrent writers of one digest each use their
- * own temp file and the last rename wins. tmp/ is emptied on open.
+ * own temp file and the last rename wins. tmp/ is emptied on open. With
+ * `fsync` the directory that received the new name is fsync'd after the
+ * rename too (one directory fsync shared by the renames that were waiting
+ * for it), so an acknowledged blob's name also survives power loss.
+ *
+ * The size cap counts uploads in flight: a CAS write reserves its digest's
+ * size when it starts (an AC write reserves as its bytes arrive), evicting
+ * least recently used blobs to make room, and a write whose reservation
+ * cannot fit even with every stored blob evicted (other uploads in flight
+ * hold the rest) fails RESOURCE_EXHAUSTED, which clients retry. Blobs evicted
+ * for an upload that is then abandoned stay evicted.
+ *
+ * AC namespaces (CallOptions.namespace): the default namespace "" is the
+ * layout above, so entries written before namespaces existed are read as
+ * "". Every other namespace has its own tree `<path>/ns/<sha256 of the
+ * namespace's UTF-8, hex>/<first 2 hex of hash>/<hash>-<size>`, created on
+ * first write, with a `name` file holding the namespace for operators. A
+ * hash, not the name itself: instance names may be up to 1024 characters of
+ * any script, which no file system takes as one name, and a hash never
+ * folds two names into one on a case-insensitive file system. The index
+ * (keys `ns/<hash>/<hash>-<size>`) spans all namespaces: one LRU and one
+ * size cap for the store, rebuilt from both trees on open. The CAS ignores
+ * namespaces.
  *
  * Recency lives in an in-memory index (a Map in LRU order). FindMissing and
  * reads refresh it, since Bazel treats FindMissing as a lease on the blob, and
@@ -127,6 +156,8 @@ export class DiskStore implements BlobStore {
   // "unlink after eviction", so an eviction never deletes a newer file.
   readonly #keyOps = new Map<string, Promise<void>>();
   readonly #writesInFlight = new Set<Promise<void>>();
+  // AC: namespace -> its directory below the root (see #key).
+  readonly #nsDirs = new Map<string, string>();
   readonly #touchQueue = new Set<string>();
   readonly #touchWorkers = new Set<Promise<void>>();
   // AC values read recently (LRU order, like #index); see CachedValue.
@@ -137,12 +168,16 @@ export class DiskStore implements BlobStore {
   #closePromise: Promise<void> | undefined;
   #tmpSeq = 0;
   #bytes = 0;
+  /** Bytes reserved by writes in flight (their temp files), counted against the cap. */
+  #reserved = 0;
   #evictions = 0;
   #writes = 0;
   #reads = 0;
   #openMs = 0;
   #tempFilesRemoved = 0;
   #junkRemoved = 0;
+  /** Per directory: the fsync running and the one queued behind it (see #syncDir). */
+  readonly #dirSyncs = new Map<string, { running: Promise<void> | undefined; next: Promise<void> | undefined }>();
 
   private constructor(opts: DiskStoreOptions) {
     this.#opts = opts;
@@ -179,7 +214,7 @@ export class DiskStore implements BlobStore {
     const index = this.#index;
     if (!this.#opts.contentAddressed) {
       for (const d of digests) {
-        const key = digestString(d);
+        const key = this.#key(d, opts?.namespace);
         const entry = index.get(key);
         if (entry === undefined) missing.push(d);
         else this.#touch(key, entry, now);
@@ -209,7 +244,7 @@ export class DiskStore implements BlobStore {
   async get(digest: Digest, opts?: GetOptions): Promise<AsyncIterable<Uint8Array>> {
     this.#checkOpen();
     throwIfAborted(opts?.signal);
-    const key = digestString(digest);
+    const key = this.#key(digest, opts?.namespace);
     const entry = this.#index.get(key);
     if (entry === undefined) {
       if (!(this.#opts.contentAddressed && isEmptyDigest(digest))) throw notFound(digest);
@@ -273,7 +308,7 @@ export class DiskStore implements BlobStore {
       }
     }
     const signal = opts?.signal ? AbortSignal.any([opts.signal, this.#closing.signal]) : this.#closing.signal;
-    const write = this.#write(digest, chunks, signal, opts?.signal);
+    const write = this.#write(digest, chunks, signal, opts?.signal, opts?.namespace);
     this.#writesInFlight.add(write);
     try {
       await write;
@@ -289,6 +324,7 @@ export class DiskStore implements BlobStore {
       contentAddressed: this.#opts.contentAddressed,
       blobs: this.#index.size,
       bytes: this.#bytes,
+      uploadBytesInFlight: this.#reserved,
       maxSizeBytes: this.#opts.maxSizeBytes,
       evictions: this.#evictions,
       writes: this.#writes,
@@ -309,7 +345,7 @@ export class DiskStore implements BlobStore {
    */
   close(): Promise<void> {
     this.#closePromise ??= (async () => {
-      this.#closing.abort(new ConnectError(`disk store ${this.#root} is closing`, Code.Unavailable));
+      this.#closing.abort(new ConnectError('the disk store is closing', Code.Unavailable));
       await Promise.allSettled([...this.#writesInFlight]);
       await Promise.allSettled([...this.#keyOps.values()]);
       while (this.#touchWorkers.size > 0) await Promise.allSettled([...this.#touchWorkers]);
@@ -327,14 +363,19 @@ export class DiskStore implements BlobStore {
     chunks: AsyncIterable<Uint8Array>,
     signal: AbortSignal,
     callerSignal: AbortSignal | undefined,
+    namespace?: string | undefined,
   ): Promise<void> {
-    const key = digestString(digest);
-    const tmpPath = join(this.#tmpDir, `${key}.${++this.#tmpSeq}.${randomBytes(4).toString('hex')}`);
+    const key = this.#key(digest, namespace);
+    const tmpPath = join(this.#tmpDir, `${digestString(digest)}.${++this.#tmpSeq}.${randomBytes(4).toString('hex')}`);
     let fh: FileHandle | undefined;
     let committed = false;
+    // Bytes of this write counted in #reserved until it commits or fails.
+    const reservation = { bytes: 0 };
     try {
+      // The CAS knows the size up front: make room before the first byte.
+      if (this.#opts.contentAddressed) this.#reserve(reservation, digest, digest.size);
       fh = await this.#io(`creating temp file for blob ${key}`, open(tmpPath, 'wx', 0o644));
-      const source = this.#opts.contentAddressed ? verifying(digest, chunks) : this.#capped(digest, chunks);
+      const source = this.#opts.contentAddressed ? verifying(digest, chunks) : this.#capped(digest, chunks, reservation);
       const it = source[Symbol.asyncIterator]();
       const file = fh;
       // Buffers no larger than the blob: small blobs are most of a CAS.
@@ -360,7 +401,7 @@ export class DiskStore implements BlobStore {
       fh = undefined;
       if (signal.aborted) throw signal.reason;
       await this.#withKey(key, async () => {
-        await this.#renameIntoPlace(tmpPath, key);
+        await this.#renameIntoPlace(tmpPath, key, namespace);
         committed = true;
         const old = this.#index.get(key);
         if (old !== undefined) {
@@ -369,10 +410,17 @@ export class DiskStore implements BlobStore {
         }
         this.#index.set(key, { size, mtimeMs: Date.now() });
         this.#bytes += size;
+        this.#reserved -= reservation.bytes;
+        reservation.bytes = 0;
       });
       this.#writes++;
       this.#evict(key);
+      // The name is in the index already (readers may use it); the caller's
+      // acknowledgement waits until it is durable.
+      if (this.#fsync) await this.#syncDir(dirname(this.#blobPath(key)), `syncing the directory of blob ${key}`);
     } catch (err) {
+      this.#reserved -= reservation.bytes;
+      reservation.bytes = 0;
       if (fh !== undefined) await fh.close().catch(noop);
       if (!committed) {
         await unlink(tmpPath).catch((e: unknown) => {
@@ -383,24 +431,83 @@ export class DiskStore implements BlobStore {
     }
   }
 
-  async #renameIntoPlace(tmpPath: string, key: string): Promise<void> {
+  async #renameIntoPlace(tmpPath: string, key: string, namespace?: string | undefined): Promise<void> {
     const dest = this.#blobPath(key);
     try {
       await rename(tmpPath, dest);
     } catch (err) {
       if (errno(err) !== 'ENOENT') throw this.#ioError(`renaming blob ${key} into place`, err);
-      // The fan-out directory was removed behind our back: recreate it once.
-      await this.#io(`creating directory for blob ${key}`, mkdir(join(this.#root, key.slice(0, 2)), { recursive: true }));
+      // The fan-out directory was removed behind our back, or is the first of
+      // a new namespace (created on first use): create it once.
+      await this.#io(`creating directory for blob ${key}`, mkdir(dirname(dest), { recursive: true }));
+      if (key.includes('/') && namespace !== undefined) await this.#nameNamespace(key, namespace);
       await this.#io(`renaming blob ${key} into place`, rename(tmpPath, dest));
+      // Directories just created: their names must be durable too (the new
+      // blob's own directory is synced by the caller).
+      if (this.#fsync) {
+        for (let d = dirname(dest); d !== this.#root && d !== dirname(d); ) {
+          d = dirname(d);
+          await this.#syncDir(d, 'syncing a directory of the store');
+        }
+      }
     }
   }
 
-  /** For the AC, where the length is not known in advance: enforce the cap while streaming. */
-  async *#capped(digest: Digest, chunks: AsyncIterable<Uint8Array>): AsyncIterable<Uint8Array> {
+  /**
+   * fsyncs `dir` with a sync that starts after the caller's rename: renames
+   * that arrive while one runs share the next one, so a burst of N writes to
+   * one directory costs about two directory fsyncs, not N.
+   */
+  #syncDir(dir: string, what: string): Promise<void> {
+    let state = this.#dirSyncs.get(dir);
+    if (state === undefined) {
+      state = { running: undefined, next: undefined };
+      this.#dirSyncs.set(dir, state);
+    }
+    if (state.next !== undefined) return state.next;
+    const st = state;
+    const start = (): Promise<void> => {
+      const run = this.#io(what, fsyncDirectory(dir)).finally(() => {
+        if (st.running === run) st.running = undefined;
+      });
+      st.running = run;
+      return run;
+    };
+    if (st.running === undefined) return start();
+    st.next = st.running.then(noop, noop).then(() => {
+      st.next = undefined;
+      return start();
+    });
+    return st.next;
+  }
+
+  /**
+   * Counts `bytes` more of a write in flight against the cap, evicting least
+   * recently used blobs to make room; RESOURCE_EXHAUSTED if even evicting
+   * every stored blob leaves too little (other uploads hold the rest).
+   */
+  #reserve(reservation: { bytes: number }, digest: Digest, bytes: number): void {
+    const max = this.#opts.maxSizeBytes;
+    // Nothing is evicted for a write that could not fit anyway.
+    if (this.#reserved + bytes > max) {
+      throw new ConnectError(
+        `the disk store is full: uploads in flight hold ${this.#reserved} of its ${max} bytes (maxSizeBytes), ` +
+          `too many to also hold ${bytes} bytes of ${digestString(digest)}; retry later`,
+        Code.ResourceExhausted,
+      );
+    }
+    if (this.#bytes + this.#reserved + bytes > max) this.#evict(undefined, bytes);
+    this.#reserved += bytes;
+    reservation.bytes += bytes;
+  }
+
+  /** For the AC, where the length is not known in advance: enforce the cap, and reserve, while streaming. */
+  async *#capped(digest: Digest, chunks: AsyncIterable<Uint8Array>, reservation: { bytes: number }): AsyncIterable<Uint8Array> {
     let n = 0;
     for await (const c of chunks) {
       n += c.byteLength;
       if (n > this.#opts.maxSizeBytes) throw this.#tooLarge(digest);
+      this.#reserve(reservation, digest, c.byteLength);
       yield c;
     }
   }
@@ -411,10 +518,7 @@ export class DiskStore implements BlobStore {
       valueLength === undefined
         ? `entry ${digestString(digest)}: value is larger than`
         : `blob ${digestString(digest)} is ${valueLength} bytes, larger than`;
-    return new ConnectError(
-      `${what} the disk store's maxSizeBytes (${this.#opts.maxSizeBytes}) at ${this.#root}`,
-      Code.ResourceExhausted,
-    );
+    return new ConnectError(`${what} the disk store's maxSizeBytes (${this.#opts.maxSizeBytes})`, Code.ResourceExhausted);
   }
 
   #writeError(err: unknown, key: string, signal: AbortSignal, callerSignal: AbortSignal | undefined): ConnectError {
@@ -423,7 +527,7 @@ export class DiskStore implements BlobStore {
     }
     if (signal.aborted) {
       return new ConnectError(
-        `disk store ${this.#root} is closing; write of blob ${key} aborted`,
+        `the disk store is closing; write of blob ${key} aborted`,
         Code.Unavailable,
         undefined,
         undefined,
@@ -552,9 +656,11 @@ export class DiskStore implements BlobStore {
     this.#uncacheValue(key);
   }
 
-  #evict(keep: string | undefined): void {
+  /** Evicts least recently used blobs (never `keep`) until stored, in-flight and `extra` bytes fit the cap. */
+  #evict(keep: string | undefined, extra = 0): void {
+    const limit = this.#opts.maxSizeBytes - this.#reserved - extra;
     for (const [key, entry] of this.#index) {
-      if (this.#bytes <= this.#opts.maxSizeBytes) break;
+      if (this.#bytes <= limit) break;
       if (key === keep) continue;
       this.#index.delete(key);
       this.#bytes -= entry.size;
@@ -604,15 +710,18 @@ export class DiskStore implements BlobStore {
 
     const top = await this.#io('listing store directory', readdir(this.#root, { withFileTypes: true }));
     const present = new Set<string>();
+    let namespaces = false;
     for (const e of top) {
       if (e.isDirectory() && FAN_OUT_SET.has(e.name)) present.add(e.name);
+      else if (e.isDirectory() && e.name === NS_DIR && !this.#opts.contentAddressed) namespaces = true;
       else if (e.name !== TMP_DIR) {
         this.#log?.warn({ path: this.#root, entry: e.name }, 'disk store: ignoring unexpected entry in store directory');
       }
     }
 
     // Directory listings give names; names give hash and (for the CAS) size.
-    const candidates: { dir: string; name: string; size: number }[] = [];
+    // `prefix`: the namespace directory of the key ("ns/<hash>/"), if not the default one.
+    const candidates: { dir: string; name: string; size: number; prefix?: string }[] = [];
     const junk: string[] = [];
     await mapLimit(FAN_OUT, SCAN_CONCURRENCY, async (dir) => {
       const dirPath = join(this.#root, dir);
@@ -638,6 +747,7 @@ export class DiskStore implements BlobStore {
         }
       }
     });
+    if (namespaces) await this.#scanNamespaces(candidates, junk);
 
     // One stat per file, for the mtime (recency). The size is checked against
     // the name in a CAS; in the AC the file size is the value's length.
@@ -657,7 +767,7 @@ export class DiskStore implements BlobStore {
         }
         if (st === undefined) continue;
         if (this.#opts.contentAddressed && st.size !== c.size) junk.push(p);
-        else found.push({ key: c.name, size: st.size, mtimeMs: st.mtimeMs });
+        else found.push({ key: c.prefix === undefined ? c.name : c.prefix + c.name, size: st.size, mtimeMs: st.mtimeMs });
       }
     }
 
@@ -691,15 +801,83 @@ export class DiskStore implements BlobStore {
     );
   }
 
+  /**
+   * AC only: lists the blob files of every namespace but the default one
+   * (`ns/<hash>/<fan-out>/<hash>-<size>`) into `candidates`, invalid names
+   * into `junk`. All namespaces share one index, so one LRU and one size cap.
+   */
+  async #scanNamespaces(candidates: { dir: string; name: string; size: number; prefix?: string }[], junk: string[]): Promise<void> {
+    const nsRoot = join(this.#root, NS_DIR);
+    const fans: { dir: string; fan: string; prefix: string }[] = [];
+    for (const d of await this.#io('listing ns/', readdir(nsRoot, { withFileTypes: true }))) {
+      if (!d.isDirectory() || !NS_DIR_NAME.test(d.name)) {
+        this.#log?.warn({ path: nsRoot, entry: d.name }, 'disk store: ignoring unexpected entry in namespace directory');
+        continue;
+      }
+      const nsPath = join(nsRoot, d.name);
+      for (const e of await this.#io(`listing ns/${d.name}/`, readdir(nsPath, { withFileTypes: true }))) {
+        if (e.isDirectory() && FAN_OUT_SET.has(e.name)) {
+          fans.push({ dir: `${NS_DIR}/${d.name}/${e.name}`, fan: e.name, prefix: `${NS_DIR}/${d.name}/` });
+        } else if (e.name !== NS_NAME_FILE) {
+          this.#log?.warn({ path: nsPath, entry: e.name }, 'disk store: ignoring unexpected entry in namespace directory');
+        }
+      }
+    }
+    await mapLimit(fans, SCAN_CONCURRENCY, async ({ dir, fan, prefix }) => {
+      const dirPath = join(this.#root, dir);
+      for (const e of await this.#io(`listing ${dir}/`, readdir(dirPath, { withFileTypes: true }))) {
+        const m = BLOB_NAME.exec(e.name);
+        const size = m ? Number(m[2]) : NaN;
+        if (!e.isFile()) {
+          this.#log?.warn({ path: dirPath, entry: e.name }, 'disk store: ignoring non-file entry');
+        } else if (m === null || !e.name.startsWith(fan) || !Number.isSafeInteger(size)) {
+          junk.push(join(dirPath, e.name));
+        } else {
+          candidates.push({ dir, name: e.name, size, prefix });
+        }
+      }
+    });
+  }
+
   // ---- helpers ----
 
+  /** `<hash>-<size>` lives in `<hash[0..2]>/`; `ns/<ns hash>/<hash>-<size>` in `ns/<ns hash>/<hash[0..2]>/`. */
   #blobPath(key: string): string {
-    return join(this.#root, key.slice(0, 2), key);
+    const slash = key.lastIndexOf('/');
+    if (slash < 0) return join(this.#root, key.slice(0, 2), key);
+    return join(this.#root, key.slice(0, slash), key.slice(slash + 1, slash + 3), key.slice(slash + 1));
+  }
+
+  /**
+   * The index key (and path below the root, see #blobPath) of `digest`: its
+   * file name in the CAS and in the AC's default namespace, else prefixed by
+   * the namespace's directory.
+   */
+  #key(digest: Digest, namespace: string | undefined): string {
+    const name = digestString(digest);
+    if (namespace === undefined || namespace === '' || this.#opts.contentAddressed) return name;
+    let dir = this.#nsDirs.get(namespace);
+    if (dir === undefined) {
+      if (this.#nsDirs.size >= NS_DIR_MEMO) this.#nsDirs.clear();
+      dir = `${NS_DIR}/${createHash('sha256').update(namespace, 'utf8').digest('hex')}`;
+      this.#nsDirs.set(namespace, dir);
+    }
+    return `${dir}/${name}`;
+  }
+
+  /** Writes the `name` file of a namespace directory just created; only informational, so failures are logged. */
+  async #nameNamespace(key: string, namespace: string): Promise<void> {
+    const file = join(this.#root, key.slice(0, key.indexOf('/', NS_DIR.length + 1)), NS_NAME_FILE);
+    try {
+      await writeFile(file, namespace, { flag: 'wx' });
+    } catch (err) {
+      if (errno(err) !== 'EEXIST') this.#log?.warn({ err, path: file }, 'disk store: could not record a namespace name');
+    }
   }
 
   #checkOpen(): void {
     if (this.#closePromise !== undefined) {
-      throw new ConnectError(`disk store ${this.#root} is closed`, Code.Unavailable);
+      throw new ConnectError('the disk store is closed', Code.Unavailable);
     }
   }
 
@@ -711,21 +889,17 @@ export class DiskStore implements BlobStore {
     }
   }
 
-  /** ENOSPC/EDQUOT become RESOURCE_EXHAUSTED; every other I/O failure INTERNAL. */
+  /**
+   * ENOSPC/EDQUOT become RESOURCE_EXHAUSTED; every other I/O failure
+   * INTERNAL. The message says what failed ("storage error: writing blob
+   * <digest>: no space left on device (ENOSPC)") but never the store's path:
+   * it may reach a client. The path and the system's message go to the log
+   * here, and stay in the error's cause.
+   */
   #ioError(what: string, err: unknown): ConnectError {
     if (err instanceof ConnectError) return err;
-    const code = errno(err);
-    const detail = err instanceof Error ? err.message : String(err);
-    if (code === 'ENOSPC' || code === 'EDQUOT') {
-      return new ConnectError(
-        `disk store ${this.#root}: ${what}: out of disk space (${code})`,
-        Code.ResourceExhausted,
-        undefined,
-        undefined,
-        err,
-      );
-    }
-    return new ConnectError(`disk store ${this.#root}: ${what}: ${detail}`, Code.Internal, undefined, undefined, err);
+    this.#log?.warn({ err, path: this.#root }, `disk store: ${what} failed`);
+    return storageError(err, what);
   }
 }
 
@@ -888,5 +1062,15 @@ async function writeFully(fh: FileHandle, chunk: Uint8Array): Promise<void> {
   while (off < chunk.byteLength) {
     const { bytesWritten } = await fh.write(chunk, off, chunk.byteLength - off, null);
     off += bytesWritten;
+  }
+}
+
+/** fsyncs a directory, so the names created or removed in it are durable. */
+async function fsyncDirectory(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
   }
 }

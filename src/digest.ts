@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
 import { Code, ConnectError } from '@connectrpc/connect';
+import { quote } from './services/instance-name.ts';
 
 /**
  * A content digest as the stores see it: lowercase hex SHA-256 and a size in
@@ -54,29 +55,36 @@ export function digestString(d: Digest): string {
  * error so the client learns exactly which digest was rejected.
  */
 export function parseDigest(hash: string, size: bigint | number | string, what = 'digest'): Digest {
-  if (typeof hash !== 'string' || hash.length === 0) {
+  if (typeof hash !== 'string') {
+    throw new ConnectError(`${what}: hash is not a string`, Code.InvalidArgument);
+  }
+  if (hash.length === 0) {
     throw new ConnectError(`${what}: hash is empty`, Code.InvalidArgument);
   }
   if (hash.length !== SHA256_HEX_LENGTH) {
     throw new ConnectError(
-      `${what}: hash "${truncate(hash)}" has length ${hash.length}, SHA-256 needs ${SHA256_HEX_LENGTH} hex characters`,
+      `${what}: hash ${quote(truncate(hash))} has length ${hash.length}, SHA-256 needs ${SHA256_HEX_LENGTH} hex characters`,
       Code.InvalidArgument,
     );
   }
   if (!isSha256Hex(hash)) {
-    throw new ConnectError(`${what}: hash "${truncate(hash)}" is not lowercase hexadecimal`, Code.InvalidArgument);
+    throw new ConnectError(`${what}: hash ${quote(truncate(hash))} is not lowercase hexadecimal`, Code.InvalidArgument);
   }
   let n: bigint;
   try {
+    // Decimal only: BigInt() alone also takes "" (as 0), " 5 ", "0x10" and "0b1".
+    if (typeof size === 'string' ? !/^-?[0-9]+$/.test(size) : typeof size !== 'bigint' && typeof size !== 'number') {
+      throw new TypeError('not a decimal integer');
+    }
     n = BigInt(size);
   } catch {
-    throw new ConnectError(`${what}: size "${String(size)}" is not an integer`, Code.InvalidArgument);
+    throw new ConnectError(`${what}: size ${quote(truncate(String(size)))} is not an integer`, Code.InvalidArgument);
   }
   if (n < 0n) {
-    throw new ConnectError(`${what}: size ${n} is negative`, Code.InvalidArgument);
+    throw new ConnectError(`${what}: size ${truncate(String(n))} is negative`, Code.InvalidArgument);
   }
   if (n > MAX_SAFE_SIZE) {
-    throw new ConnectError(`${what}: size ${n} is too large`, Code.InvalidArgument);
+    throw new ConnectError(`${what}: size ${truncate(String(n))} is too large`, Code.InvalidArgument);
   }
   const d = { hash, size: Number(n) };
   if (d.size === 0 && hash !== EMPTY_SHA256) {

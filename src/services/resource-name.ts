@@ -2,7 +2,7 @@ import { Code, ConnectError } from '@connectrpc/connect';
 import type { Digest } from '../digest.ts';
 import { parseDigest, SHA256_HEX_LENGTH } from '../digest.ts';
 import { withPrefix } from '../errors.ts';
-import { validateInstanceName } from './instance-name.ts';
+import { quote, validateInstanceName } from './instance-name.ts';
 
 /**
  * Encodings a ByteStream resource name may ask for. `identity` under
@@ -92,7 +92,7 @@ export function parseWriteResourceName(name: string): UploadResource {
   }
   const kind = segments[k + 2];
   if (kind !== 'blobs' && kind !== 'compressed-blobs') {
-    const found = kind === undefined ? 'nothing' : `"${clip(kind)}"`;
+    const found = kind === undefined ? 'nothing' : quote(clip(kind));
     throw invalid(name, `expected "blobs" or "compressed-blobs" after the upload id, found ${found}`);
   }
   const { digest, compressor } = parseBlobPart(name, segments, k + 2);
@@ -133,7 +133,7 @@ function parseInstance(name: string, segments: readonly string[], k: number): st
   try {
     validateInstanceName(instanceName);
   } catch (err) {
-    throw withPrefix(`resource name "${clip(name)}"`, err);
+    throw withPrefix(`resource name ${quote(clip(name))}`, err);
   }
   return instanceName;
 }
@@ -152,7 +152,7 @@ function parseBlobPart(
       throw invalid(name, 'missing compressor after "compressed-blobs/"');
     }
     if (!(RESOURCE_COMPRESSORS as readonly string[]).includes(c)) {
-      throw invalid(name, `compressor "${clip(c)}" is not supported; supported: ${RESOURCE_COMPRESSORS.join(', ')}`);
+      throw invalid(name, `compressor ${quote(clip(c))} is not supported; supported: ${RESOURCE_COMPRESSORS.join(', ')}`);
     }
     compressor = c as ResourceCompressor;
   }
@@ -172,16 +172,17 @@ function parseBlobPart(
     throw invalid(name, 'missing size after the hash');
   }
   if (!/^-?[0-9]+$/.test(size)) {
-    throw invalid(name, `size "${clip(size)}" is not a decimal integer`);
+    throw invalid(name, `size ${quote(clip(size))} is not a decimal integer`);
   }
-  const digest = parseDigest(hash, size, `resource name "${clip(name)}"`);
+  const digest = parseDigest(hash, size, `resource name ${quote(clip(name))}`);
   return { digest, compressor };
 }
 
 function invalid(name: string, problem: string): ConnectError {
-  return new ConnectError(`resource name "${clip(name)}": ${problem}`, Code.InvalidArgument);
+  return new ConnectError(`resource name ${quote(clip(name))}: ${problem}`, Code.InvalidArgument);
 }
 
+/** Clips a part of a name for a message; quote() then escapes whatever in it is not printable. */
 function clip(s: string): string {
   return s.length > 200 ? `${s.slice(0, 197)}...` : s;
 }

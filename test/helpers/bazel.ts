@@ -6,7 +6,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { cp, lstat, mkdtemp, readdir, realpath, rm, stat } from 'node:fs/promises';
+import { copyFile, cp, lstat, mkdir, mkdtemp, readdir, realpath, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -50,8 +50,11 @@ export interface BazelWorkspace {
   remove(): Promise<void>;
 }
 
-/** Copies test/e2e/bazel-workspace into a fresh temp dir with its own Bazel output root. */
-export async function prepareWorkspace(prefix: string): Promise<BazelWorkspace> {
+/**
+ * Copies test/e2e/bazel-workspace into a fresh temp dir with its own Bazel
+ * output root. `startupArgs` go before the command (e.g. --host_jvm_args).
+ */
+export async function prepareWorkspace(prefix: string, startupArgs: readonly string[] = []): Promise<BazelWorkspace> {
   const root = await mkdtemp(join(tmpdir(), prefix));
   const workspace = join(root, 'ws');
   const outputUserRoot = join(root, 'bazel-root');
@@ -64,7 +67,7 @@ export async function prepareWorkspace(prefix: string): Promise<BazelWorkspace> 
     root,
     workspace,
     outputUserRoot,
-    bazel: (args) => runBazel(bazelPath, outputUserRoot, workspace, args),
+    bazel: (args) => runBazel(bazelPath, outputUserRoot, workspace, args, startupArgs),
     shutdown() {
       spawnSync(bazelPath, [`--output_user_root=${outputUserRoot}`, 'shutdown'], { cwd: workspace, stdio: 'ignore' });
     },
@@ -94,11 +97,17 @@ export interface BazelRun {
   processes: ProcessSummary;
 }
 
-export async function runBazel(bazelPath: string, outputUserRoot: string, cwd: string, args: string[]): Promise<BazelRun> {
+export async function runBazel(
+  bazelPath: string,
+  outputUserRoot: string,
+  cwd: string,
+  args: string[],
+  startupArgs: readonly string[] = [],
+): Promise<BazelRun> {
   const started = Date.now();
   const child = spawn(
     bazelPath,
-    [`--output_user_root=${outputUserRoot}`, '--nohome_rc', '--max_idle_secs=120', ...args],
+    [`--output_user_root=${outputUserRoot}`, '--nohome_rc', '--max_idle_secs=120', ...startupArgs, ...args],
     { cwd, stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let output = '';
@@ -185,4 +194,29 @@ export async function diskUsage(dir: string): Promise<number> {
     if (entry.isFile()) total += (await lstat(join(entry.parentPath, entry.name))).size;
   }
   return total;
+}
+
+/**
+ * Startup flags that let Debian's Bazel 4.2.3 speak gRPC over TLS, or
+ * undefined (with the reason) when they cannot be made.
+ *
+ * Debian builds Bazel against its own netty, whose JDK TLS provider has ALPN
+ * taken out ("Failed to init TLS infrastructure: JDK provider does not support
+ * ALPN protocol", exit 37), so a grpcs:// remote cache needs netty's OpenSSL
+ * provider: the JNI library of libnetty-tcnative-jni. Netty looks for it as
+ * libnetty_tcnative.so and the library checks its own file name, while Debian
+ * installs it as libnetty-tcnative.so: a copy (not a symlink) under the
+ * expected name in `dir`, on java.library.path, does it.
+ */
+export async function bazelTlsStartupArgs(dir: string): Promise<{ args: string[] } | { missing: string }> {
+  const installed = '/usr/lib/x86_64-linux-gnu/jni/libnetty-tcnative.so';
+  try {
+    await stat(installed);
+  } catch {
+    return { missing: `${installed} is missing (apt-get install libnetty-tcnative-jni)` };
+  }
+  const jni = join(dir, 'jni');
+  await mkdir(jni, { recursive: true });
+  await copyFile(installed, join(jni, 'libnetty_tcnative.so'));
+  return { args: [`--host_jvm_args=-Djava.library.path=${jni}`] };
 }

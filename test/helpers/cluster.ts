@@ -42,6 +42,8 @@ export interface ClusterOptions {
   readonly edgeLogLevel?: string;
   /** Log level of the shards. Default 'info' (spawnNode reads the port from the info-level listening line). */
   readonly shardLogLevel?: string;
+  /** Top-level fields added to the edge's config (e.g. tls, auth, limits). */
+  readonly edgeExtra?: Record<string, unknown>;
 }
 
 export interface ClusterShard {
@@ -136,6 +138,7 @@ export function edgeConfig(
     logLevel: opts.edgeLogLevel ?? 'info',
     cas: sharding('cas'),
     ac: opts.acCompletenessChecking === false ? sharding('ac') : { completenessChecking: { backend: sharding('ac') } },
+    ...opts.edgeExtra,
   };
 }
 

@@ -1,5 +1,6 @@
 import { Code, ConnectError, type Interceptor } from '@connectrpc/connect';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { OnePortServer } from '../server/listen.ts';
 import type { StoreDescription } from '../stores/blob-store.ts';
 import { LATENCY_BUCKETS, grpcCodeName } from '../stores/metrics-store.ts';
 import type { ChildState } from '../supervisor.ts';
@@ -451,18 +452,8 @@ function define(registry: Registry, type: 'gauge' | 'counter', name: string, hel
   });
 }
 
-/** What registerConnectionMetrics reads at scrape time (the REAPI port's server). */
-export interface ConnectionMetricsSource {
-  connectionCounts(): { readonly http1: number; readonly http2: number; readonly sniffing: number };
-  connectionStats(): {
-    readonly refused: number;
-    readonly headersTimeouts: number;
-    readonly requestTimeouts: number;
-    readonly idleSessionsClosed: number;
-    readonly tlsHandshakeFailures: number;
-    readonly rejectedClientCertificates: number;
-  };
-}
+/** What registerConnectionMetrics reads at scrape time: the REAPI port's server. */
+export type ConnectionMetricsSource = Pick<OnePortServer, 'connectionCounts' | 'connectionStats'>;
 
 /**
  * Open connections of the REAPI port by protocol, and what its connection

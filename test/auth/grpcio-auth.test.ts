@@ -3,9 +3,8 @@
 // --remote_header does, against a node with auth. A read-only token reads
 // and is refused every write (nothing lands), a read-write token writes, no
 // token or a wrong one is UNAUTHENTICATED, health needs nothing.
-import { execFile, spawnSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -16,16 +15,8 @@ import type { Test } from 'tap';
 import { startNode } from '../helpers/node.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const python = '/usr/bin/python3';
-const protoRoot = '/usr/src/bazel-bootstrap/third_party/remoteapis/build/bazel/remote/execution/v2';
 
-const missingPrereq = !existsSync(python)
-  ? `${python} not found`
-  : spawnSync(python, ['-c', 'import grpc, grpc_tools.protoc']).status !== 0
-    ? 'python3-grpcio / python3-grpc-tools not installed'
-    : !existsSync(protoRoot)
-      ? `${protoRoot} not found (bazel-bootstrap-source not installed)`
-      : undefined;
+const missingPrereq = pythonGrpcMissing();
 
 if (missingPrereq !== undefined) {
   if (process.env.CI === 'true') t.fail(`${missingPrereq}, but CI=true requires this test`);
@@ -126,6 +117,7 @@ check("health_without_token", resp == b"\x08\x01", resp.hex())
 
 print(json.dumps({"checks": checks}))
 `;
+import { python, pythonGrpcMissing } from '../helpers/python-grpc.ts';
 
 const EXPECTED = [
   'read_token_find_missing',

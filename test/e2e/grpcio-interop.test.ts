@@ -3,8 +3,7 @@
 // generated at test time from the protos in bazel-bootstrap-source, so this
 // also proves the node against the upstream proto definitions rather than
 // our own copies in proto/. Each check the script runs is one assertion here.
-import { execFile, spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { execFile } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -13,10 +12,9 @@ import { promisify } from 'node:util';
 import t from 'tap';
 import type { Test } from 'tap';
 import { spawnNode } from '../helpers/spawn-node.ts';
+import { python, pythonGrpcMissing } from '../helpers/python-grpc.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const python = '/usr/bin/python3';
-const protoRoot = '/usr/src/bazel-bootstrap/third_party/remoteapis/build/bazel/remote/execution/v2';
 
 /** Every check grpcio_client.py must report; a missing one fails. */
 const expectedChecks = [
@@ -35,13 +33,7 @@ const expectedChecks = [
   'still_serving_after_errors',
 ];
 
-const missingPrereq = !existsSync(python)
-  ? `${python} not found`
-  : spawnSync(python, ['-c', 'import grpc, grpc_tools.protoc']).status !== 0
-    ? 'python3-grpcio / python3-grpc-tools not installed'
-    : !existsSync(protoRoot)
-      ? `${protoRoot} not found (bazel-bootstrap-source not installed)`
-      : undefined;
+const missingPrereq = pythonGrpcMissing();
 
 if (missingPrereq !== undefined) {
   if (process.env.CI === 'true') t.fail(`${missingPrereq}, but CI=true requires this test`);

@@ -10,8 +10,7 @@
 // shared mode; the first one maps two names to one namespace by alias.
 // python3-grpcio (C-core) checks the isolation once more as a foreign client,
 // if installed.
-import { execFile, spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { execFile } from 'node:child_process';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -287,15 +286,7 @@ t.test('action cache isolation through an edge over three shards and a fallback 
 // --- python3-grpcio ----------------------------------------------------------
 
 const here = dirname(fileURLToPath(import.meta.url));
-const python = '/usr/bin/python3';
-const protoRoot = '/usr/src/bazel-bootstrap/third_party/remoteapis/build/bazel/remote/execution/v2';
-
-function grpcioMissing(): string | undefined {
-  if (!existsSync(python)) return `${python} not found`;
-  if (spawnSync(python, ['-c', 'import grpc, grpc_tools.protoc']).status !== 0) return 'python3-grpcio / python3-grpc-tools not installed';
-  if (!existsSync(protoRoot)) return `${protoRoot} not found (bazel-bootstrap-source not installed)`;
-  return undefined;
-}
+const grpcioMissing = pythonGrpcMissing;
 
 // Writes under "tenant-a", reads under "tenant-a", "tenant-b" and "": prints one JSON object.
 const GRPCIO_SCRIPT = `
@@ -317,6 +308,7 @@ for name in ["tenant-a", "tenant-b", ""]:
         out[name] = e.code().name
 print(json.dumps(out))
 `;
+import { python, pythonGrpcMissing } from '../helpers/python-grpc.ts';
 
 async function grpcioCheck(t: Test, port: number, output: Digest): Promise<void> {
   const run = promisify(execFile);

@@ -200,3 +200,17 @@ export async function until(what: string, cond: () => boolean | Promise<boolean>
     await sleep(10);
   }
 }
+
+let blobSeed = 1;
+/** A fresh pseudo-random blob of `size` bytes (xorshift; a new one each call, cheap to make). */
+export function blobOf(size: number): Buffer {
+  const out = Buffer.allocUnsafe(size);
+  let x = (blobSeed++ * 0x9e3779b1) >>> 0;
+  for (let i = 0; i < size; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out[i] = x & 0xff;
+  }
+  return out;
+}

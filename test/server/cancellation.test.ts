@@ -20,30 +20,20 @@ import { FindMissingBlobsRequestSchema } from '../../gen/build/bazel/remote/exec
 import { ByteStream, WriteRequestSchema } from '../../gen/google/bytestream/bytestream_pb.ts';
 import { digestOf, toProtoDigest } from '../../src/digest.ts';
 import { readResourceName, writeResourceName } from '../../src/services/resource-name.ts';
-import { frame, startApp, until } from '../helpers/raw-grpc.ts';
+import { blobOf, frame, startApp, until } from '../helpers/raw-grpc.ts';
 import type { TestApp } from '../helpers/raw-grpc.ts';
 
 const WRITE = '/google.bytestream.ByteStream/Write';
 const FIND_MISSING = '/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs';
 const N = 100;
+/** Upload ids, unique per upload. */
+let uploads = 0;
 
-let seed = 1;
-function blobOf(size: number): Buffer {
-  const out = Buffer.allocUnsafe(size);
-  let x = (seed++ * 0x9e3779b1) >>> 0;
-  for (let i = 0; i < size; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
 
 /** The first message of an upload of a fresh 100 KB blob: half its data, no finish_write. */
 function firstWriteMessage(): Buffer {
   const blob = blobOf(100_000);
-  const name = writeResourceName('', `c${seed}`, digestOf(blob));
+  const name = writeResourceName('', `c${++uploads}`, digestOf(blob));
   return frame(toBinary(WriteRequestSchema, create(WriteRequestSchema, { resourceName: name, data: blob.subarray(0, 50_000) })));
 }
 

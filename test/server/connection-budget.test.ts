@@ -20,8 +20,11 @@ import { digestOf, toProtoDigest } from '../../src/digest.ts';
 import { FrameDecoder } from '../../src/grpc/framing.ts';
 import { ConnectionBudget, EnvelopeWatcher } from '../../src/server/input-limits.ts';
 import { writeResourceName } from '../../src/services/resource-name.ts';
-import { frame, messagesOf, startApp, until } from '../helpers/raw-grpc.ts';
+import { blobOf, frame, messagesOf, startApp, until } from '../helpers/raw-grpc.ts';
 import type { TestApp } from '../helpers/raw-grpc.ts';
+
+/** Upload ids, unique per upload. */
+let uploads = 0;
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -29,22 +32,10 @@ const WRITE = '/google.bytestream.ByteStream/Write';
 const BATCH_UPDATE = '/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs';
 const BLOB = 900 * KiB;
 
-let seed = 1;
-function blobOf(size: number): Buffer {
-  const out = Buffer.allocUnsafe(size);
-  let x = (seed++ * 0x9e3779b1) >>> 0;
-  for (let i = 0; i < size; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
 
 /** A whole-blob Write message (resource name, finish_write, the data). */
 function writeMessage(blob: Buffer): Buffer {
-  const name = writeResourceName('', `b${seed}`, digestOf(blob));
+  const name = writeResourceName('', `b${++uploads}`, digestOf(blob));
   return frame(toBinary(WriteRequestSchema, create(WriteRequestSchema, { resourceName: name, finishWrite: true, data: blob })));
 }
 

@@ -22,7 +22,7 @@ import { ByteStream, WriteRequestSchema } from '../../gen/google/bytestream/byte
 import { digestOf, digestString, toProtoDigest } from '../../src/digest.ts';
 import type { Digest } from '../../src/digest.ts';
 import { writeResourceName } from '../../src/services/resource-name.ts';
-import { frame, prefix, rawCall, sendAll, startApp } from '../helpers/raw-grpc.ts';
+import { blobOf, frame, prefix, rawCall, sendAll, startApp } from '../helpers/raw-grpc.ts';
 import type { RawResult, TestApp } from '../helpers/raw-grpc.ts';
 
 const KiB = 1024;
@@ -40,21 +40,12 @@ const limits = {
   maxBlobSizeBytes: 1 * MiB,
 };
 
-let seed = 1;
-function blobOf(size: number): Buffer {
-  const out = Buffer.allocUnsafe(size);
-  let x = (seed++ * 0x9e3779b1) >>> 0;
-  for (let i = 0; i < size; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
 
+/** digests() calls so far, so that each call names digests of its own. */
+let digestCalls = 0;
 function digests(n: number): ReturnType<typeof toProtoDigest>[] {
-  return Array.from({ length: n }, (_, i) => toProtoDigest(digestOf(Buffer.from(`digest ${i} ${seed}`))));
+  const call = ++digestCalls;
+  return Array.from({ length: n }, (_, i) => toProtoDigest(digestOf(Buffer.from(`digest ${i} ${call}`))));
 }
 
 function expectStatus(t: Test, res: RawResult, code: Code, message: string | RegExp): void {

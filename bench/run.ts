@@ -12,6 +12,7 @@ import { createHash } from 'node:crypto';
 import { spawnNode } from '../test/helpers/spawn-node.ts';
 import { edgeBench } from './edge.ts';
 import { fallbackBench } from './fallback.ts';
+import { durabilityBench, durabilityOptionsFromEnv } from './fallback-durability.ts';
 import { wireBench, wireOptionsFromEnv } from './wire.ts';
 import {
   clients,
@@ -77,6 +78,9 @@ rows.push(...(await edgeBench({ blobMiB: BLOB_MiB, runs: RUNS, onRow: ([w, v, u]
 
 // The fallback pair: replication throughput and the healthy-path cost (bench/fallback.ts).
 rows.push(...(await fallbackBench({ blobMiB: BLOB_MiB, runs: RUNS, onRow: ([w, v, u]) => console.error(`  ${w}: ${v} ${u}`) })));
+
+// The fallback pair's durability modes, async vs sync, through an edge shaped like config.json (bench/fallback-durability.ts).
+rows.push(...(await durabilityBench(durabilityOptionsFromEnv())));
 
 console.log('\n| measurement | value | unit |\n| --- | ---: | --- |');
 for (const [w, v, u] of rows) console.log(`| ${w} | ${v} | ${u} |`);

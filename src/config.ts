@@ -347,6 +347,13 @@ export interface FallbackStoreConfig {
     readonly overflow?: 'drop-oldest' | 'reject-new' | undefined;
   };
   readonly healthCheckIntervalMs?: number | undefined;
+  /**
+   * "sync": a write is acknowledged once both sides hold it (or, with one
+   * side down, once the other holds it and it is journaled for the missing
+   * side). "async" (the default): once the primary holds it; the secondary
+   * gets it by background replication.
+   */
+  readonly durability?: 'sync' | 'async' | undefined;
 }
 
 /** A config that failed validation; the message starts with the field path. */
@@ -597,7 +604,7 @@ const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
 
   fallback(value, path, ctx): FallbackStoreConfig {
     const o = object(value, path);
-    allowKeys(o, ['primary', 'secondary', 'journalDir', 'maxJournalEntries', 'replication', 'healthCheckIntervalMs'], path);
+    allowKeys(o, ['primary', 'secondary', 'journalDir', 'maxJournalEntries', 'replication', 'healthCheckIntervalMs', 'durability'], path);
     let replication: FallbackStoreConfig['replication'];
     if (o.replication !== undefined) {
       const rp = `${path}.replication`;
@@ -617,6 +624,7 @@ const STORE_PARSERS: Readonly<Record<string, StoreParser>> = {
       maxJournalEntries: optionalPositiveInteger(o, 'maxJournalEntries', path),
       replication,
       healthCheckIntervalMs: optionalPositiveInteger(o, 'healthCheckIntervalMs', path),
+      durability: o.durability === undefined ? undefined : oneOf(o.durability, ['sync', 'async'] as const, `${path}.durability`),
     };
   },
 };

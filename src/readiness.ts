@@ -21,3 +21,24 @@ export function canServe(node: StoreDescription): boolean {
       return children.every(canServe);
   }
 }
+
+/**
+ * Why a ready store tree is serving with less redundancy than configured:
+ * one line per fallback pair whose writes now land on one side only (plus a
+ * journal entry for the other), prefixed with the pair's path in the tree.
+ * Empty when nothing is degraded. /readyz stays 200 (traffic must keep
+ * flowing: that is what the one-copy mode is for) and lists these.
+ */
+export function degradedReasons(node: StoreDescription, path = segment(node)): string[] {
+  const out: string[] = [];
+  if (node.kind === 'fallback' && typeof node.oneCopy === 'string') out.push(`${path}: ${node.oneCopy}`);
+  for (const child of node.children ?? []) out.push(...degradedReasons(child, `${path}/${segment(child)}`));
+  return out;
+}
+
+// As admin/tree.ts names a node in a path: its role, name or kind.
+function segment(node: StoreDescription): string {
+  if (typeof node.role === 'string' && node.role !== '') return node.role;
+  if (typeof node.name === 'string' && node.name !== '') return node.name;
+  return node.kind;
+}

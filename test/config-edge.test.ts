@@ -174,9 +174,14 @@ t.test('errors in remote, sharding, fallback and children name the offending fie
       'config.cas.fallback.maxJournalEntries: expected a positive integer, got 1.5',
     ],
     [
+      'fallback durability',
+      { ...valid(), cas: { fallback: { primary: remote(), secondary: remote(), journalDir: 'j', durability: 'both' } } },
+      'config.cas.fallback.durability: expected one of sync, async, got "both"',
+    ],
+    [
       'fallback unknown field',
       { ...valid(), cas: { fallback: { primary: remote(), secondary: remote(), journalDir: 'j', tertiary: remote() } } },
-      'config.cas.fallback.tertiary: unknown field (allowed: primary, secondary, journalDir, maxJournalEntries, replication, healthCheckIntervalMs)',
+      'config.cas.fallback.tertiary: unknown field (allowed: primary, secondary, journalDir, maxJournalEntries, replication, healthCheckIntervalMs, durability)',
     ],
     // children
     ['children as an array', { ...valid(), children: [] }, 'config.children: expected an object, got an array'],

@@ -7,6 +7,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
 import type { ListenAddress } from '../config.ts';
+import { degradedReasons } from '../readiness.ts';
 import type { ChildState } from '../supervisor.ts';
 import {
   PAGE_CSP,
@@ -83,6 +84,12 @@ export interface AdminState {
   /** Server clock (ms since the epoch), so the page can show "since" without trusting its own. */
   readonly now: number;
   readonly ready: boolean;
+  /**
+   * Ready, but with less redundancy than configured: one line per fallback
+   * pair running on one copy ("cas/fallback: secondary is down: ..."). Empty
+   * when nothing is degraded.
+   */
+  readonly degraded: readonly string[];
   readonly tokenConfigured: boolean;
   readonly trees: TreeDescriptions;
   readonly processes: readonly ChildState[];
@@ -153,15 +160,19 @@ export async function buildAdminApp(opts: AdminAppOptions): Promise<FastifyInsta
     pages.set(route, { body: await readFile(new URL(file, PAGE_DIR)), type });
   }
 
-  const state = (): AdminState => ({
-    version,
-    now: Date.now(),
-    ready: opts.isReady(),
-    tokenConfigured: tokenDigest !== undefined,
-    trees: opts.describe(),
-    processes: opts.processes?.() ?? [],
-    actions,
-  });
+  const state = (): AdminState => {
+    const trees = opts.describe();
+    return {
+      version,
+      now: Date.now(),
+      ready: opts.isReady(),
+      degraded: degradedOf(trees),
+      tokenConfigured: tokenDigest !== undefined,
+      trees,
+      processes: opts.processes?.() ?? [],
+      actions,
+    };
+  };
 
   const metrics = registerTreeMetrics(registry, {
     describe: opts.describe,
@@ -362,11 +373,25 @@ export async function buildAdminApp(opts: AdminAppOptions): Promise<FastifyInsta
   app.get('/healthz', (_req, reply) => reply.send({ ok: true }));
 
   app.get('/readyz', (_req, reply) => {
-    if (opts.isReady()) return reply.send({ ready: true });
+    if (opts.isReady()) {
+      // Still 200, so traffic keeps flowing; a fallback pair on one copy says so.
+      let degraded: string[] = [];
+      try {
+        degraded = degradedOf(opts.describe());
+      } catch {
+        // a tree being closed: readiness alone answers
+      }
+      return reply.send(degraded.length === 0 ? { ready: true } : { ready: true, degraded: true, reasons: degraded });
+    }
     return reply.code(503).send({ ready: false, reason: opts.notReadyReason?.() ?? 'not ready' });
   });
 
   return app;
+}
+
+/** degradedReasons() of both trees, each line prefixed with its tree's name. */
+function degradedOf(trees: TreeDescriptions): string[] {
+  return TREE_NAMES.flatMap((tree) => degradedReasons(trees[tree]).map((r) => `${tree}: ${r}`));
 }
 
 function isTreeName(s: string): s is TreeName {

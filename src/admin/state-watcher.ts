@@ -100,16 +100,21 @@ interface BreakerView {
   readonly reason: string;
 }
 
-/** The breakers a node reports: one per shard of a sharding store, the primary's of a fallback store. */
+/** The breakers a node reports: one per shard of a sharding store, the primary's (and in sync mode the secondary's) of a fallback store. */
 export function breakersOf(node: StoreDescription): BreakerView[] {
   if (node.kind === 'sharding') {
     return shardsOf(node).map((s) => ({ shard: s.name, state: s.state, since: s.since, reason: s.reason ?? '' }));
   }
   if (node.kind === 'fallback') {
-    const b = rec(node, 'breaker');
-    if (b !== undefined && typeof b.state === 'string' && typeof b.since === 'number') {
-      return [{ shard: 'primary', state: b.state, since: b.since, reason: typeof b.reason === 'string' ? b.reason : '' }];
+    // The primary's breaker; in sync mode the secondary's too.
+    const out: BreakerView[] = [];
+    for (const [shard, field] of [['primary', 'breaker'], ['secondary', 'secondaryBreaker']] as const) {
+      const b = rec(node, field);
+      if (b !== undefined && typeof b.state === 'string' && typeof b.since === 'number') {
+        out.push({ shard, state: b.state, since: b.since, reason: typeof b.reason === 'string' ? b.reason : '' });
+      }
     }
+    return out;
   }
   return [];
 }

@@ -141,6 +141,8 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
         maxJournalEntries: config.maxJournalEntries,
         replication: config.replication,
         primaryHealthCheck: healthCheckOf(primary),
+        durability: config.durability,
+        secondaryHealthCheck: healthCheckOf(secondary),
         healthCheckIntervalMs: config.healthCheckIntervalMs,
         logger,
       });

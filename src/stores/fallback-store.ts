@@ -11,9 +11,17 @@ import type { BreakerTransition, CircuitBreakerOptions } from './circuit-breaker
 import { CircuitBreaker } from './circuit-breaker.ts';
 import type { CopyJob, CopyOutcome, OverflowPolicy } from './copy-queue.ts';
 import { CopyQueue } from './copy-queue.ts';
-import { ReplayableUpload } from './replayable-upload.ts';
+import { ReplayableUpload, TeeUpload } from './replayable-upload.ts';
 
 export type { OverflowPolicy } from './copy-queue.ts';
+
+/**
+ * When a write is acknowledged. `async`: once the primary holds it (the
+ * secondary gets it by background replication). `sync`: once both sides hold
+ * it, or, while one side is down, once the other holds it and the write is
+ * journaled durably for the missing side. See FallbackStore.
+ */
+export type Durability = 'sync' | 'async';
 
 export interface ReplicationOptions {
   /** Most items waiting (in flight not counted). Default 10,000. */
@@ -71,6 +79,12 @@ export interface FallbackStoreOptions {
   readonly secondary: BlobStore;
   /** The catch-up journal; owned (closed by close()). See FallbackStore.open(). */
   readonly journal: DurableLog<JournalRecord>;
+  /**
+   * Sync mode: the journal of writes only the primary holds (the secondary
+   * was down or failed them), replayed to the secondary; owned. Required
+   * when durability is 'sync'.
+   */
+  readonly secondaryJournal?: DurableLog<JournalRecord> | undefined;
   readonly replication?: ReplicationOptions | undefined;
   readonly repair?: RepairOptions | undefined;
   readonly replay?: ReplayOptions | undefined;
@@ -82,6 +96,18 @@ export interface FallbackStoreOptions {
    * digest nobody has serves as the probe: any answer proves the primary up.
    */
   readonly primaryHealthCheck?: ((signal: AbortSignal) => Promise<unknown>) | undefined;
+  /** Default 'async'. See FallbackStore, "Durability". */
+  readonly durability?: Durability | undefined;
+  /**
+   * Sync mode only: the secondary's active health check, as primaryHealthCheck
+   * (default: a FindMissing probe). Its breaker uses the `breaker` options too.
+   */
+  readonly secondaryHealthCheck?: ((signal: AbortSignal) => Promise<unknown>) | undefined;
+  /**
+   * Sync mode: bytes the faster side of a dual write may read ahead of the
+   * slower one (what the tee holds at most, plus a chunk). Default 1 MiB.
+   */
+  readonly teeWindowBytes?: number | undefined;
   /** Default 2 s. */
   readonly healthCheckIntervalMs?: number | undefined;
   /** Default 2 s. */
@@ -113,6 +139,8 @@ export interface FallbackStoreOpenOptions extends Omit<FallbackStoreOptions, 'jo
 }
 
 export const JOURNAL_FILE = 'fallback-journal.jsonl';
+/** Sync mode: writes the secondary is owed (only the primary holds them). */
+export const SECONDARY_JOURNAL_FILE = 'fallback-journal-secondary.jsonl';
 
 /** At most one replication-overflow log line per this interval (the first is logged at once). */
 export const OVERFLOW_LOG_INTERVAL_MS = 10_000;
@@ -178,7 +206,21 @@ const PROBE_DIGEST: Digest = Object.freeze({ hash: '0'.repeat(64), size: 1 });
  * - The catch: a blob the primary vouched for but had not yet replicated
  *   becomes unreadable if the primary dies right after (until it returns);
  *   reads then answer NOT_FOUND, on which Bazel re-uploads or reruns the
- *   action. Only synchronous dual writes would close that window.
+ *   action. Durability "sync" (below) closes that window.
+ *
+ * Durability "sync": a put goes to both sides at once, teed from one read of
+ * the client's stream (TeeUpload: the slower side sets the pace, at most
+ * `teeWindowBytes` held), and is acknowledged only when both hold it. With
+ * one side's breaker open (the secondary has its own breaker and health
+ * check in this mode) the put goes to the other alone and is journaled
+ * durably for the missing side before it is acknowledged: the existing
+ * journal for the primary, a second one for the secondary, each replayed
+ * when its side is back. A side that fails mid-write with an infrastructure
+ * error (or is cut off because its breaker opened) while the other succeeded
+ * is treated the same way: journaled, then acknowledged. An acknowledged
+ * write is thus on both sides, or on one side plus a journal entry for the
+ * other; describe() reports `copies` and `oneCopy` (why only one), which
+ * /readyz and the admin page show.
  *
  * For the AC (mutable values) the copies can race: a replay or repair in
  * flight can overwrite a newer value with an older one. A write the primary
@@ -227,6 +269,18 @@ export class FallbackStore implements BlobStore {
   #secondaryLookupSkipUntil = 0;
   #secondaryLookupFailures = 0;
   #secondaryLookupsSkipped = 0;
+  readonly #durability: Durability;
+  // Sync mode only (undefined in async mode).
+  readonly #secondaryJournal: DurableLog<JournalRecord> | undefined;
+  readonly #secondaryBreaker: CircuitBreaker | undefined;
+  readonly #secondaryCheck: (signal: AbortSignal) => Promise<unknown>;
+  readonly #secondaryReplay: CopyQueue | undefined;
+  readonly #teeWindowBytes: number;
+  // Dual writes in flight, by side: aborted when that side's breaker opens,
+  // so a side that went silent mid-write does not hold the other back.
+  readonly #inFlight = { primary: new Set<AbortController>(), secondary: new Set<AbortController>() };
+  #dualWrites = 0;
+  #oneCopyWrites = 0;
 
   constructor(opts: FallbackStoreOptions) {
     this.#primary = opts.primary;
@@ -241,6 +295,13 @@ export class FallbackStore implements BlobStore {
     this.#secondaryLookupCooldownMs = Math.max(0, opts.secondaryLookupCooldownMs ?? 5000);
     this.#check = opts.primaryHealthCheck
       ?? (async (signal) => this.#primary.findMissing([PROBE_DIGEST], { signal }));
+    this.#durability = opts.durability ?? 'async';
+    if (this.#durability !== 'sync' && this.#durability !== 'async') {
+      throw new RangeError(`fallback store: durability ${JSON.stringify(this.#durability)} must be "sync" or "async"`);
+    }
+    this.#secondaryCheck = opts.secondaryHealthCheck
+      ?? (async (signal) => this.#secondary.findMissing([PROBE_DIGEST], { signal }));
+    this.#teeWindowBytes = Math.max(0, opts.teeWindowBytes ?? 1024 * 1024);
     const backgroundTimeoutMs = positive(opts.backgroundTimeoutMs ?? 300_000, 'backgroundTimeoutMs');
     const primaryUp = () => this.#primaryUp();
 
@@ -278,6 +339,30 @@ export class FallbackStore implements BlobStore {
         void this.#journal.delete(job.key, job.seq).catch(() => {});
       },
     });
+    if (this.#durability === 'sync') {
+      if (opts.secondaryJournal === undefined) throw new RangeError('fallback store: durability "sync" needs a secondaryJournal');
+      this.#secondaryJournal = opts.secondaryJournal;
+      this.#secondaryBreaker = new CircuitBreaker(opts.breaker);
+      const secondaryJournal = opts.secondaryJournal;
+      this.#secondaryReplay = new CopyQueue({
+        maxQueue: Number.POSITIVE_INFINITY,
+        concurrency: positive(replay.concurrency ?? 4, 'replay.concurrency'),
+        overflow: 'reject-new',
+        maxAttempts: Number.POSITIVE_INFINITY,
+        retryInitialMs: replay.retryInitialMs ?? 500,
+        retryMaxMs: replay.retryMaxMs ?? 30_000,
+        timeoutMs: backgroundTimeoutMs,
+        signal: this.#closing.signal,
+        canRun: () => this.#secondaryUp(),
+        run: (job, signal) => this.#replayToSecondary(job, signal, maxNotFound),
+        onGiveUp: (job, err) => {
+          this.#log?.error({ blob: jobName(job), err: describe(err) }, 'fallback: journaled blob cannot be replayed to the secondary; giving it up');
+          void secondaryJournal.delete(job.key, job.seq).catch(() => {});
+        },
+      });
+    } else if (opts.secondaryJournal !== undefined) {
+      throw new RangeError('fallback store: a secondaryJournal is for durability "sync" only');
+    }
     const repair = opts.repair ?? {};
     this.#repairs = new CopyQueue({
       maxQueue: positive(repair.maxQueue ?? 1000, 'repair.maxQueue'),
@@ -298,12 +383,28 @@ export class FallbackStore implements BlobStore {
       const level = t.to === 'closed' ? 'info' : 'warn';
       this.#log?.[level]({ from: t.from, to: t.to, reason: t.reason, backoffMs: t.backoffMs }, `fallback: primary breaker ${t.from} -> ${t.to}`);
       if (t.to === 'closed') this.#pumpAll();
+      if (t.to === 'open' || t.to === 'drained') this.#abortInFlight('primary', t.reason);
+    });
+    this.#secondaryBreaker?.on('transition', (t: BreakerTransition) => {
+      const level = t.to === 'closed' ? 'info' : 'warn';
+      this.#log?.[level](
+        { from: t.from, to: t.to, reason: t.reason, backoffMs: t.backoffMs },
+        t.to === 'closed'
+          ? `fallback: secondary breaker ${t.from} -> ${t.to}; writes go to both sides again`
+          : `fallback: secondary breaker ${t.from} -> ${t.to}; writes go to the primary alone and are journaled for the secondary`,
+      );
+      if (t.to === 'closed') this.#secondaryReplay?.pump();
+      if (t.to === 'open' || t.to === 'drained') this.#abortInFlight('secondary', t.reason);
     });
 
     // Whatever a previous run journaled is replayed once the primary is up.
     for (const e of this.#journal.entries()) {
       const ns = typeof e.value.ns === 'string' ? e.value.ns : '';
       this.#replay.add({ hash: e.value.hash, size: e.value.size }, e.seq, ns);
+    }
+    for (const e of this.#secondaryJournal?.entries() ?? []) {
+      const ns = typeof e.value.ns === 'string' ? e.value.ns : '';
+      this.#secondaryReplay!.add({ hash: e.value.hash, size: e.value.size }, e.seq, ns);
     }
     this.#scheduleHealthCheck();
   }
@@ -312,7 +413,15 @@ export class FallbackStore implements BlobStore {
   static async open(opts: FallbackStoreOpenOptions): Promise<FallbackStore> {
     const { journalDir, maxJournalEntries, ...rest } = opts;
     const journal = await DurableLog.open<JournalRecord>(join(journalDir, JOURNAL_FILE), { maxEntries: maxJournalEntries });
-    return new FallbackStore({ ...rest, journal });
+    if (rest.durability !== 'sync') return new FallbackStore({ ...rest, journal });
+    let secondaryJournal: DurableLog<JournalRecord>;
+    try {
+      secondaryJournal = await DurableLog.open<JournalRecord>(join(journalDir, SECONDARY_JOURNAL_FILE), { maxEntries: maxJournalEntries });
+    } catch (err) {
+      await journal.close().catch(() => {});
+      throw err;
+    }
+    return new FallbackStore({ ...rest, journal, secondaryJournal });
   }
 
   async findMissing(digests: readonly Digest[], opts?: CallOptions): Promise<Digest[]> {
@@ -406,6 +515,13 @@ export class FallbackStore implements BlobStore {
       await this.#putOnSecondary(digest, chunks, opts);
       return;
     }
+    if (this.#durability === 'sync' && this.#secondaryUp()) {
+      await this.#putOnBoth(digest, chunks, opts);
+      return;
+    }
+    // Async mode; or sync mode with the secondary down, where the write is
+    // journaled for the secondary below before it is acknowledged.
+    if (this.#secondaryJournal !== undefined) this.#checkJournalRoom(this.#secondaryJournal, namespacedKey(digest, opts?.namespace ?? ''), 'secondary');
     const source = new ReplayableUpload(chunks, this.#failoverBufferBytes);
     try {
       await this.#primary.put(digest, source.stream(), opts);
@@ -441,24 +557,167 @@ export class FallbackStore implements BlobStore {
     source.dispose();
     this.#breaker.recordSuccess();
     const namespace = opts?.namespace ?? '';
+    this.#primaryHolds(namespacedKey(digest, namespace));
+    if (this.#durability === 'sync') {
+      await this.#journalForSecondary(digest, namespace);
+      return;
+    }
+    this.#replication.add(digest, 0, namespace);
+  }
+
+  /**
+   * Sync mode, both sides up: one read of the client's stream, teed to both
+   * puts (each verifies the digest itself); acknowledged when both hold the
+   * blob. A side that fails with an infrastructure error (or whose breaker
+   * opens meanwhile) while the other succeeds makes this a one-copy write:
+   * it is journaled for the failed side before it is acknowledged, exactly
+   * as if that side's breaker had been open when the write began.
+   */
+  async #putOnBoth(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void> {
+    const namespace = opts?.namespace ?? '';
     const key = namespacedKey(digest, namespace);
+    // Either side may end up alone with it: make sure the journal could
+    // take the write before taking it.
+    this.#checkJournalRoom(this.#journal, key, 'primary');
+    this.#checkJournalRoom(this.#secondaryJournal!, key, 'secondary');
+    const tee = new TeeUpload(chunks, 2, { windowBytes: this.#teeWindowBytes });
+    const write = async (side: Side, store: BlobStore, branch: number): Promise<SideOutcome> => {
+      const ctrl = new AbortController();
+      this.#inFlight[side].add(ctrl);
+      const signal = opts?.signal === undefined ? ctrl.signal : AbortSignal.any([opts.signal, ctrl.signal]);
+      try {
+        await store.put(digest, tee.branch(branch), { ...opts, signal });
+        return { ok: true };
+      } catch (err) {
+        return { ok: false, err, cutOff: ctrl.signal.aborted };
+      } finally {
+        this.#inFlight[side].delete(ctrl);
+        tee.release(branch);
+      }
+    };
+    const [p, s] = await Promise.all([write('primary', this.#primary, 0), write('secondary', this.#secondary, 1)]);
+    tee.dispose();
+    // A failing client stream or a cancelled call says nothing about either side.
+    if (tee.failed) throw toConnectError(tee.error);
+    throwIfAborted(opts?.signal);
+    const secondaryBreaker = this.#secondaryBreaker!;
+    const pDown = !p.ok && (p.cutOff || isInfrastructureError(p.err));
+    const sDown = !s.ok && (s.cutOff || isInfrastructureError(s.err));
+    if (p.ok) this.#breaker.recordSuccess();
+    else if (pDown) this.#breaker.recordFailure(p.err);
+    else this.#breaker.recordSuccess(); // an answer, such as INVALID_ARGUMENT
+    if (s.ok) secondaryBreaker.recordSuccess();
+    else if (sDown) secondaryBreaker.recordFailure(s.err);
+    else secondaryBreaker.recordSuccess();
+    // An answer (not an outage) from either side is the client's to see: the
+    // write is not acknowledged. A side that did store it keeps a copy no one
+    // was promised, which is harmless.
+    if (!p.ok && !pDown) throw withPrefix('primary', p.err);
+    if (!s.ok && !sDown) throw withPrefix('secondary', s.err);
+    if (p.ok && s.ok) {
+      this.#dualWrites++;
+      this.#primaryHolds(key);
+      this.#secondaryHolds(key);
+      return;
+    }
+    if (p.ok && !s.ok) {
+      this.#log?.warn({ blob: namespacedName(digestString(digest), namespace), err: describe(s.err) }, 'fallback: secondary failed a dual write; journaling it for the secondary');
+      this.#primaryHolds(key);
+      await this.#journalForSecondary(digest, namespace);
+      return;
+    }
+    if (s.ok && !p.ok) {
+      this.#failovers++;
+      this.#log?.warn({ blob: namespacedName(digestString(digest), namespace), err: describe(p.err) }, 'fallback: primary failed a dual write; journaling it for the primary');
+      this.#secondaryHolds(key);
+      await this.#journalForPrimary(digest, namespace);
+      return;
+    }
+    throw withPrefix('primary', p.ok ? undefined : p.err);
+  }
+
+  /** The primary holds the current value of `key`: a pending replay of an older one to it would at best be redundant. */
+  #primaryHolds(key: string): void {
     if (this.#journal.has(key)) {
-      // The primary now holds this (possibly newer) value: replaying the
-      // secondary's copy would at best be redundant.
       this.#replay.remove(key);
       void this.#journal.delete(key).catch(() => {});
     }
-    this.#replication.add(digest, 0, namespace);
+  }
+
+  /** As #primaryHolds, for the secondary (sync mode). */
+  #secondaryHolds(key: string): void {
+    if (this.#secondaryJournal?.has(key) === true) {
+      this.#secondaryReplay!.remove(key);
+      void this.#secondaryJournal.delete(key).catch(() => {});
+    }
+  }
+
+  /** Refuses a write that could end up on one side only when that side's journal is full. */
+  #checkJournalRoom(journal: DurableLog<JournalRecord>, key: string, owedTo: Side): void {
+    if (!journal.has(key) && journal.size >= journal.maxEntries) {
+      throw new ConnectError(
+        `fallback: the catch-up journal for the ${owedTo} is full (${journal.maxEntries} entries); refusing the write`,
+        Code.Unavailable,
+      );
+    }
+  }
+
+  /** Sync mode: the primary alone holds the write; journal it (fsync'd) for the secondary before it is acknowledged. */
+  async #journalForSecondary(digest: Digest, namespace: string): Promise<void> {
+    const seq = await this.#appendJournal(this.#secondaryJournal!, digest, namespace, 'secondary');
+    this.#oneCopyWrites++;
+    this.#secondaryReplay!.add(digest, seq, namespace);
+  }
+
+  /** The secondary alone holds the write; journal it (fsync'd) for the primary before it is acknowledged. */
+  async #journalForPrimary(digest: Digest, namespace: string): Promise<void> {
+    const seq = await this.#appendJournal(this.#journal, digest, namespace, 'primary');
+    this.#oneCopyWrites++;
+    this.#replay.add(digest, seq, namespace);
+  }
+
+  async #appendJournal(journal: DurableLog<JournalRecord>, digest: Digest, namespace: string, owedTo: Side): Promise<number> {
+    try {
+      const record: JournalRecord = { hash: digest.hash, size: digest.size, at: Date.now(), ...(namespace === '' ? {} : { ns: namespace }) };
+      return await journal.append(namespacedKey(digest, namespace), record);
+    } catch (err) {
+      const why = err instanceof DurableLogFullError ? 'the catch-up journal is full' : `journaling failed: ${describe(err)}`;
+      throw new ConnectError(`fallback: the ${owedTo} is unavailable and ${why}; refusing the write`, Code.Unavailable, undefined, undefined, err);
+    }
   }
 
   describe(): StoreDescription {
     const replication = this.#replication.stats();
     const replay = this.#replay.stats();
     const repairs = this.#repairs.stats();
+    const oneCopy = this.#oneCopyReason();
+    let sync: Record<string, unknown> = {};
+    if (this.#secondaryJournal !== undefined && this.#secondaryBreaker !== undefined && this.#secondaryReplay !== undefined) {
+      const sr = this.#secondaryReplay.stats();
+      sync = {
+        secondaryBreaker: this.#secondaryBreaker.snapshot(),
+        dualWrites: this.#dualWrites,
+        secondaryJournal: {
+          backlog: this.#secondaryJournal.size,
+          inFlight: sr.inFlight,
+          replayed: sr.done,
+          lost: sr.failed + sr.vanished,
+          maxEntries: this.#secondaryJournal.maxEntries,
+          lagMs: sr.lagMs,
+        },
+      };
+    }
     return {
       kind: 'fallback',
+      durability: this.#durability,
       serving: this.#primaryUp() ? 'primary' : 'secondary',
+      // How many sides a write acknowledged now lands on (sync mode: 2 while
+      // both are up), and why only one when so.
+      copies: oneCopy === undefined && this.#durability === 'sync' ? 2 : 1,
+      ...(oneCopy === undefined ? {} : { oneCopy }),
+      oneCopyWrites: this.#oneCopyWrites,
       breaker: this.#breaker.snapshot(),
+      ...sync,
       failovers: this.#failovers,
       secondaryLookups: { failed: this.#secondaryLookupFailures, skipped: this.#secondaryLookupsSkipped },
       replication: {
@@ -512,8 +771,13 @@ export class FallbackStore implements BlobStore {
     this.#overflowTimer = undefined;
     this.#logOverflow();
     await this.#healthRunning;
-    await Promise.all([this.#replication.close(), this.#replay.close(), this.#repairs.close()]);
-    const results = await Promise.allSettled([this.#journal.close(), this.#primary.close(), this.#secondary.close()]);
+    await Promise.all([this.#replication.close(), this.#replay.close(), this.#repairs.close(), this.#secondaryReplay?.close()]);
+    const results = await Promise.allSettled([
+      this.#journal.close(),
+      this.#secondaryJournal?.close(),
+      this.#primary.close(),
+      this.#secondary.close(),
+    ]);
     const failed = results.find((r) => r.status === 'rejected');
     if (failed !== undefined) throw failed.reason;
   }
@@ -524,6 +788,30 @@ export class FallbackStore implements BlobStore {
 
   #primaryUp(): boolean {
     return this.#breaker.allowsTraffic();
+  }
+
+  /** Sync mode: whether writes go to the secondary too. Async mode: always true (no breaker). */
+  #secondaryUp(): boolean {
+    return this.#secondaryBreaker?.allowsTraffic() ?? true;
+  }
+
+  /** Why a write acknowledged now would be held by one side only (plus a journal entry), or undefined. */
+  #oneCopyReason(): string | undefined {
+    if (!this.#primaryUp()) {
+      return 'primary is down: writes go to the secondary alone and are journaled for the primary';
+    }
+    if (!this.#secondaryUp()) {
+      return 'secondary is down: writes go to the primary alone and are journaled for the secondary';
+    }
+    return undefined;
+  }
+
+  /** Cuts off the dual writes still waiting on a side whose breaker just opened; they finish on the other side. */
+  #abortInFlight(side: Side, reason: string): void {
+    if (this.#inFlight[side].size === 0) return;
+    const err = new ConnectError(`fallback: the ${side}'s breaker opened during the write (${reason})`, Code.Unavailable);
+    for (const ctrl of this.#inFlight[side]) ctrl.abort(err);
+    this.#inFlight[side].clear();
   }
 
   /**
@@ -561,15 +849,9 @@ export class FallbackStore implements BlobStore {
     } catch (err) {
       throw withPrefix('secondary', err);
     }
-    let seq: number;
-    try {
-      const record: JournalRecord = { hash: digest.hash, size: digest.size, at: Date.now(), ...(namespace === '' ? {} : { ns: namespace }) };
-      seq = await this.#journal.append(key, record);
-    } catch (err) {
-      const why = err instanceof DurableLogFullError ? 'the catch-up journal is full' : `journaling failed: ${describe(err)}`;
-      throw new ConnectError(`fallback: primary is unavailable and ${why}; refusing the write`, Code.Unavailable, undefined, undefined, err);
-    }
-    this.#replay.add(digest, seq, namespace);
+    // Sync mode: the secondary now holds this value; an older one owed to it is moot.
+    this.#secondaryHolds(key);
+    await this.#journalForPrimary(digest, namespace);
   }
 
   /**
@@ -664,6 +946,39 @@ export class FallbackStore implements BlobStore {
     return 'done';
   }
 
+  /** Sync mode: copies a blob only the primary holds to the secondary, then drops its journal entry. */
+  async #replayToSecondary(job: CopyJob, signal: AbortSignal, maxNotFound: number): Promise<CopyOutcome> {
+    const { namespace } = job;
+    const journal = this.#secondaryJournal!;
+    let stream: AsyncIterable<Uint8Array>;
+    try {
+      stream = await this.#primary.get(job.digest, { signal, namespace });
+    } catch (err) {
+      if (!isCode(err, Code.NotFound)) throw withPrefix('primary', err);
+      // The primary lost it (came back empty): fine if the secondary has it.
+      const missing = await this.#secondary.findMissing([job.digest], { signal, namespace });
+      if (missing.length === 0) {
+        void journal.delete(job.key, job.seq).catch(() => {});
+        return 'done';
+      }
+      if (job.attempts < maxNotFound) throw withPrefix('primary', err);
+      this.#log?.error({ blob: jobName(job) }, 'fallback: blob journaled for the secondary is on neither backend any more; giving it up');
+      void journal.delete(job.key, job.seq).catch(() => {});
+      return 'vanished';
+    }
+    try {
+      await this.#secondary.put(job.digest, stream, { signal, namespace });
+      this.#secondaryBreaker?.recordSuccess();
+    } catch (err) {
+      if (!signal.aborted) this.#secondaryBreaker?.recordFailure(err);
+      throw withPrefix('secondary', err);
+    }
+    journal.delete(job.key, job.seq).catch((err: unknown) => {
+      this.#log?.warn({ err: describe(err) }, 'fallback: removing a replayed journal entry failed; it will be replayed again');
+    });
+    return 'done';
+  }
+
   async #repairOne(job: CopyJob, signal: AbortSignal): Promise<CopyOutcome> {
     let stream: AsyncIterable<Uint8Array>;
     try {
@@ -691,6 +1006,7 @@ export class FallbackStore implements BlobStore {
     this.#replay.pump();
     this.#repairs.pump();
     this.#replication.pump();
+    this.#secondaryReplay?.pump();
   }
 
   #scheduleHealthCheck(): void {
@@ -705,21 +1021,31 @@ export class FallbackStore implements BlobStore {
   }
 
   async #runHealthCheck(): Promise<void> {
-    const state = this.#breaker.state;
-    // Open: waiting out the backoff. Drained: held by an operator.
-    if (state === 'closed' || state === 'half-open') {
-      const signal = AbortSignal.any([this.#closing.signal, AbortSignal.timeout(this.#healthTimeoutMs)]);
-      try {
-        await this.#check(signal);
-        if (!this.#closing.signal.aborted) this.#breaker.recordHealthCheck(true);
-      } catch (err) {
-        if (!this.#closing.signal.aborted) this.#breaker.recordHealthCheck(false, describe(err));
-      }
-    }
-    // Also retries queued work that waited for the primary.
+    await Promise.all([
+      this.#checkOne(this.#breaker, this.#check),
+      this.#secondaryBreaker === undefined ? undefined : this.#checkOne(this.#secondaryBreaker, this.#secondaryCheck),
+    ]);
+    // Also retries queued work that waited for the primary (or the secondary).
     this.#pumpAll();
   }
+
+  async #checkOne(breaker: CircuitBreaker, check: (signal: AbortSignal) => Promise<unknown>): Promise<void> {
+    const state = breaker.state;
+    // Open: waiting out the backoff. Drained: held by an operator.
+    if (state !== 'closed' && state !== 'half-open') return;
+    const signal = AbortSignal.any([this.#closing.signal, AbortSignal.timeout(this.#healthTimeoutMs)]);
+    try {
+      await check(signal);
+      if (!this.#closing.signal.aborted) breaker.recordHealthCheck(true);
+    } catch (err) {
+      if (!this.#closing.signal.aborted) breaker.recordHealthCheck(false, describe(err));
+    }
+  }
 }
+
+type Side = 'primary' | 'secondary';
+
+type SideOutcome = { readonly ok: true } | { readonly ok: false; readonly err: unknown; readonly cutOff: boolean };
 
 function positive(n: number, what: string): number {
   if (!(n > 0)) throw new RangeError(`fallback store: ${what} ${n} must be positive`);

@@ -44,6 +44,15 @@ export interface ClusterOptions {
   readonly shardLogLevel?: string;
   /** Top-level fields added to the edge's config (e.g. tls, auth, limits). */
   readonly edgeExtra?: Record<string, unknown>;
+  /**
+   * Also start a `secondary` storage node and make each edge tree a fallback
+   * pair { primary: the sharding store, secondary }, as config.json does.
+   */
+  readonly fallback?: {
+    readonly durability?: 'sync' | 'async';
+    /** The pair's health checks. Default 200 ms. */
+    readonly healthCheckIntervalMs?: number;
+  };
 }
 
 export interface ClusterShard {
@@ -62,8 +71,11 @@ export interface ClusterShard {
   pause(): void;
   /** SIGCONT after pause(). */
   resume(): void;
-  /** Starts the shard again on the same port and data dir (kills it first if it runs). */
-  restart(): Promise<void>;
+  /**
+   * Starts the shard again on the same port and data dir (kills it first if
+   * it runs); `empty`: with its data dir deleted first (a pod back on a fresh volume).
+   */
+  restart(opts?: { empty?: boolean }): Promise<void>;
 }
 
 export interface ClusterEdge {
@@ -94,6 +106,8 @@ export interface BreakerTransitionLog {
 export interface Cluster {
   readonly edge: ClusterEdge;
   readonly shards: readonly ClusterShard[];
+  /** The fallback pair's secondary (with the `fallback` option). */
+  readonly secondary: ClusterShard | undefined;
   readonly root: string;
   shard(name: string): ClusterShard;
   /** Full ranking of a digest hash over the shards, best first (same as the edge's). */
@@ -110,6 +124,7 @@ export interface Cluster {
 export function edgeConfig(
   shards: readonly { name: string; url: string; weight: number }[],
   opts: ClusterOptions = {},
+  secondaryUrl?: string,
 ): Record<string, unknown> {
   const sharding = (tree: string) => ({
     sharding: {
@@ -134,10 +149,22 @@ export function edgeConfig(
       ...(opts.probeWindowMs === undefined ? {} : { probeWindowMs: opts.probeWindowMs }),
     },
   });
+  const tree = (name: string): Record<string, unknown> =>
+    opts.fallback === undefined || secondaryUrl === undefined
+      ? sharding(name)
+      : {
+          fallback: {
+            primary: sharding(name),
+            secondary: { remote: { url: secondaryUrl, timeoutMs: opts.remoteTimeoutMs ?? 5000, healthTimeoutMs: opts.healthCheckTimeoutMs ?? 500 } },
+            journalDir: `journal-${name}`,
+            healthCheckIntervalMs: opts.fallback.healthCheckIntervalMs ?? 200,
+            ...(opts.fallback.durability === undefined ? {} : { durability: opts.fallback.durability }),
+          },
+        };
   return {
     logLevel: opts.edgeLogLevel ?? 'info',
-    cas: sharding('cas'),
-    ac: opts.acCompletenessChecking === false ? sharding('ac') : { completenessChecking: { backend: sharding('ac') } },
+    cas: tree('cas'),
+    ac: opts.acCompletenessChecking === false ? tree('ac') : { completenessChecking: { backend: tree('ac') } },
     ...opts.edgeExtra,
   };
 }
@@ -160,19 +187,22 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<Cluster> 
   const weight = opts.weight ?? 1;
   const root = await mkdtemp(join(tmpdir(), 'reapi-cluster-'));
   const shards: ClusterShard[] = [];
+  let secondary: ClusterShard | undefined;
   let edge: ClusterEdge | undefined;
   const stop = async (): Promise<void> => {
-    await Promise.allSettled([edge?.node.stop(), ...shards.map((s) => stopShard(s))]);
+    await Promise.allSettled([edge?.node.stop(), ...[...shards, ...(secondary === undefined ? [] : [secondary])].map((s) => stopShard(s))]);
     await rm(root, { recursive: true, force: true });
   };
   try {
     // Shards start in parallel: each takes ~0.5-1 s to load on a busy machine.
     shards.push(...(await Promise.all(names.map((name) => startShard(name, join(root, name), opts.shardLogLevel ?? 'info')))));
+    if (opts.fallback !== undefined) secondary = await startShard('secondary', join(root, 'secondary'), opts.shardLogLevel ?? 'info');
     edge = await startEdge(
       join(root, 'edge'),
       edgeConfig(
         shards.map((s) => ({ name: s.name, url: s.url, weight })),
         opts,
+        secondary?.url,
       ),
     );
   } catch (err) {
@@ -185,6 +215,7 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<Cluster> 
   return {
     edge: theEdge,
     shards,
+    secondary,
     root,
     shard(name) {
       const s = shards.find((x) => x.name === name);
@@ -237,12 +268,16 @@ async function startShard(name: string, dir: string, logLevel: string): Promise<
       process.kill(node.pid, 'SIGCONT');
       paused = false;
     },
-    async restart() {
+    async restart(opts?: { empty?: boolean }) {
       if (node.exitInfo() === undefined) {
         if (paused) process.kill(node.pid, 'SIGCONT');
         await node.kill('SIGKILL');
       }
       paused = false;
+      if (opts?.empty === true) {
+        await rm(dir, { recursive: true, force: true });
+        await mkdir(dir, { recursive: true });
+      }
       node = await spawnNode({ dir, port, config: shardConfig(logLevel) });
     },
   };

@@ -291,12 +291,23 @@ function renderFallback(node) {
   const journal = node.journal ?? {};
   const repairs = node.repairs ?? {};
   const serving = node.serving ?? '?';
+  const sb = node.secondaryBreaker;
+  const sj = node.secondaryJournal;
+  // Sync mode acknowledges a write on both sides; "one copy" while a side is down.
+  const copies = node.oneCopy
+    ? badge('one copy', 'copies state-half-open', { 'data-copies': '1', title: node.oneCopy })
+    : badge(node.copies === 2 ? 'two copies' : 'one copy, then replicated', `copies ${node.copies === 2 ? 'state-closed' : ''}`,
+      { 'data-copies': String(node.copies ?? '?') });
   return h('div', {},
     kv([
       ['serving', badge(serving, `serving serving-${serving}`, { 'data-serving': serving })],
+      ['durability', h('span', { 'data-durability': node.durability ?? 'async' }, node.durability ?? 'async')],
+      ['writes land on', h('span', {}, copies, node.oneCopy ? h('span', { class: 'muted' }, ` ${node.oneCopy}`) : null)],
       ['primary breaker', h('span', {}, stateBadge(b.state ?? '?', b.reason), ' ', h('span', { class: 'muted' }, ago(b.since)))],
+      sb ? ['secondary breaker', h('span', {}, stateBadge(sb.state ?? '?', sb.reason), ' ', h('span', { class: 'muted' }, ago(sb.since)))] : null,
       ['failovers', fmtNum(node.failovers)],
-    ]),
+      ['one-copy writes', fmtNum(node.oneCopyWrites)],
+    ].filter(Boolean)),
     table(['', 'Queued', 'In flight', 'Lag', 'Done', 'Failed / lost', 'Overflow'], [
       h('tr', {}, h('th', { scope: 'row' }, 'Replication → secondary'), h('td', { class: 'num' }, fmtNum(repl.queued)),
         h('td', { class: 'num' }, fmtNum(repl.inFlight)), h('td', { class: 'num' }, fmtMs(repl.lagMs)),
@@ -307,6 +318,10 @@ function renderFallback(node) {
         h('td', { class: 'num' }, `${fmtNum(journal.backlog)} / ${fmtNum(journal.maxEntries)}`),
         h('td', { class: 'num' }, fmtNum(journal.inFlight)), h('td', { class: 'num' }, fmtMs(journal.lagMs)),
         h('td', { class: 'num' }, fmtNum(journal.replayed)), h('td', { class: 'num' }, fmtNum(journal.lost)), h('td', {}, '–')),
+      sj ? h('tr', {}, h('th', { scope: 'row' }, 'Journal → secondary'),
+        h('td', { class: 'num' }, `${fmtNum(sj.backlog)} / ${fmtNum(sj.maxEntries)}`),
+        h('td', { class: 'num' }, fmtNum(sj.inFlight)), h('td', { class: 'num' }, fmtMs(sj.lagMs)),
+        h('td', { class: 'num' }, fmtNum(sj.replayed)), h('td', { class: 'num' }, fmtNum(sj.lost)), h('td', {}, '–')) : null,
       h('tr', {}, h('th', { scope: 'row' }, 'Read repairs → primary'), h('td', { class: 'num' }, fmtNum(repairs.queued)),
         h('td', { class: 'num' }, fmtNum(repairs.inFlight)), h('td', {}, '–'), h('td', { class: 'num' }, fmtNum(repairs.done)),
         h('td', { class: 'num' }, fmtNum(repairs.failed)), h('td', { class: 'num' }, fmtNum(repairs.dropped))),
@@ -379,8 +394,10 @@ function render(state) {
   ingest(state);
   document.getElementById('version').textContent = `v${state.version}`;
   const ready = document.getElementById('ready');
-  ready.textContent = state.ready ? 'ready' : 'not ready';
-  ready.className = `badge ${state.ready ? 'state-closed' : 'state-open'}`;
+  const degraded = state.ready && (state.degraded ?? []).length > 0;
+  ready.textContent = !state.ready ? 'not ready' : degraded ? 'ready, one copy' : 'ready';
+  ready.className = `badge ${!state.ready ? 'state-open' : degraded ? 'state-half-open' : 'state-closed'}`;
+  ready.title = degraded ? state.degraded.join('\n') : '';
   document.getElementById('updated').textContent = `updated ${new Date(state.now).toLocaleTimeString()}`;
   document.getElementById('token-note').hidden = state.tokenConfigured;
   for (const tree of ['cas', 'ac']) {

@@ -30,6 +30,11 @@ Commands (each prints one JSON object):
 fallback pair's secondary behind an edge) holds what was uploaded, so
 background replication does not overlap the next measurement.
 
+--ca-file PEM: the target speaks TLS; its certificate must chain to this CA
+(grpc.ssl_channel_credentials; the name checked is the target's host).
+--token-env NAME: send "authorization: Bearer <$NAME>" on every call (as call
+metadata, so no python callback runs per call; the token is never on argv).
+
 Usage: grpcio_bench.py --target 127.0.0.1:PORT [--instance bench] COMMAND [options]
 """
 
@@ -111,11 +116,18 @@ AC_GET = "/build.bazel.remote.execution.v2.ActionCache/GetActionResult"
 AC_UPDATE = "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult"
 
 
-def channel(target):
-    return grpc.insecure_channel(target, options=[
+# Call metadata sent on every call (the bearer token), or None.
+METADATA = None
+
+
+def channel(target, ca_pem=None):
+    options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
-    ])
+    ]
+    if ca_pem is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=ca_pem), options=options)
 
 
 def identity(b):
@@ -181,7 +193,8 @@ def settle(args, ch_settle, digests):
     while pending:
         missing = []
         for i in range(0, len(pending), 5000):
-            res = find(re_pb2.FindMissingBlobsRequest(instance_name=args.instance, blob_digests=pending[i:i + 5000]))
+            res = find(re_pb2.FindMissingBlobsRequest(instance_name=args.instance, blob_digests=pending[i:i + 5000]),
+                       metadata=METADATA)
             missing.extend(res.missing_blob_digests)
         pending = missing
         if pending:
@@ -210,7 +223,7 @@ def write_requests(instance, hash_, size, chunks):
 def bs_write(ch, instance, hash_, size, requests):
     call = ch.stream_unary(BS_WRITE, request_serializer=identity, response_deserializer=bs_pb2.WriteResponse.FromString)
     t0 = time.perf_counter()
-    res = call(requests)
+    res = call(requests, metadata=METADATA)
     secs = time.perf_counter() - t0
     if res.committed_size != size:
         raise RuntimeError("Write of %s/%d: committed_size %d" % (hash_, size, res.committed_size))
@@ -227,7 +240,7 @@ def bs_read(ch, instance, hash_, size, hash_on_the_fly=False):
     kept = []
     n = 0
     t0 = time.perf_counter()
-    for raw in call(bs_pb2.ReadRequest(resource_name=name)):
+    for raw in call(bs_pb2.ReadRequest(resource_name=name), metadata=METADATA):
         if hash_on_the_fly:
             data = read_response_data(raw)
             h.update(data)
@@ -279,7 +292,7 @@ def batch_upload(ch, instance, blobs):
     def flush():
         if not batch:
             return
-        res = call(re_pb2.BatchUpdateBlobsRequest(instance_name=instance, requests=batch))
+        res = call(re_pb2.BatchUpdateBlobsRequest(instance_name=instance, requests=batch), metadata=METADATA)
         bad = [r for r in res.responses if r.status.code != 0]
         if bad or len(res.responses) != len(batch):
             raise RuntimeError("BatchUpdateBlobs: %d of %d failed: %s" % (len(bad), len(batch),
@@ -316,7 +329,7 @@ def cmd_findmissing(args, ch, ch_settle):
         req = re_pb2.FindMissingBlobsRequest(instance_name=args.instance, blob_digests=mixed).SerializeToString()
         start_ms = time.time() * 1000
         t0 = time.perf_counter()
-        raw = call(req)
+        raw = call(req, metadata=METADATA)
         times.append((time.perf_counter() - t0) * 1000)
         windows.append([start_ms, time.time() * 1000])
         got = {d.hash for d in re_pb2.FindMissingBlobsResponse.FromString(raw).missing_blob_digests}
@@ -342,11 +355,12 @@ def cmd_gar(args, ch, ch_settle):
         result = re_pb2.ActionResult(exit_code=0, output_files=[
             re_pb2.OutputFile(path="out/%d/%d" % (a, k), digest=digest_of(outputs[a * args.outputs + k]))
             for k in range(args.outputs)])
-        update(re_pb2.UpdateActionResultRequest(instance_name=args.instance, action_digest=action, action_result=result))
+        update(re_pb2.UpdateActionResultRequest(instance_name=args.instance, action_digest=action, action_result=result),
+               metadata=METADATA)
         requests.append(re_pb2.GetActionResultRequest(instance_name=args.instance, action_digest=action).SerializeToString())
     # Every action answers with all its outputs before the clock starts.
     for req in requests:
-        res = re_pb2.ActionResult.FromString(get(req))
+        res = re_pb2.ActionResult.FromString(get(req, metadata=METADATA))
         if len(res.output_files) != args.outputs:
             raise RuntimeError("GetActionResult returned %d output files, expected %d" % (len(res.output_files), args.outputs))
     counts = [0] * args.threads
@@ -358,7 +372,7 @@ def cmd_gar(args, ch, ch_settle):
         k = i
         try:
             while time.perf_counter() < deadline:
-                get(requests[k % len(requests)])
+                get(requests[k % len(requests)], metadata=METADATA)
                 k += args.threads
                 n += 1
         except Exception as e:  # noqa: BLE001 - reported below
@@ -442,6 +456,8 @@ def main():
     p.add_argument("--instance", default="bench")
     p.add_argument("--settle-target", help="host:port that must hold each upload before the next measurement")
     p.add_argument("--stubs-dir", help="where generated stubs are kept between runs")
+    p.add_argument("--ca-file", help="the target speaks TLS: PEM of the CA its certificate chains to")
+    p.add_argument("--token-env", help="environment variable holding a bearer token sent on every call")
     p.add_argument("--seed", type=int, default=1, help="seed of the present digests and action results")
     p.add_argument("command", choices=["bytestream", "findmissing", "gar", "stream", "all"])
     p.add_argument("--blob-mib", type=int, default=int(env.get("BENCH_BLOB_MIB", "128")))
@@ -464,8 +480,18 @@ def main():
     from build.bazel.remote.execution.v2 import remote_execution_pb2
     from google.bytestream import bytestream_pb2
     grpc, re_pb2, bs_pb2 = grpc_mod, remote_execution_pb2, bytestream_pb2
+    global METADATA
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            p.error("--token-env %s: the variable is not set" % args.token_env)
+        METADATA = (("authorization", "Bearer " + token),)
+    ca_pem = None
+    if args.ca_file:
+        with open(args.ca_file, "rb") as f:
+            ca_pem = f.read()
 
-    ch = channel(args.target)
+    ch = channel(args.target, ca_pem)
     ch_settle = channel(args.settle_target) if args.settle_target else None
     try:
         grpc.channel_ready_future(ch).result(timeout=20)

@@ -37,11 +37,17 @@
 //                   growth. Shards and secondary then get a larger size cap.
 //   BENCH_BAZEL=1   a warm Bazel build (after clean --expunge) through the edge
 //                   vs straight at the storage node, alternating, median of 3.
+//   BENCH_TLS=1     after the rest, the TLS and auth section (wireTlsBench):
+//                   storage node cleartext / TLS / TLS + bearer auth against the
+//                   python and bare anchors cleartext and over TLS, with ratios.
+//                   BENCH_TLS=only runs that section alone; BENCH_TLS_PROF_DIR
+//                   writes the TLS node's .cpuprofile there.
 //
 // `node bench/wire.ts` alone, or the first section of `npm run bench`.
 // BENCH_BLOB_MIB (default 128), BENCH_RUNS (default 3). Figures on a shared
 // 2-core machine are noisy: compare the ratios, which are taken in one run.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -50,6 +56,7 @@ import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { bazelPath, prepareWorkspace } from '../test/helpers/bazel.ts';
+import { createPki, opensslMissing } from '../test/helpers/certs.ts';
 import { edgeConfig, parseTransitions } from '../test/helpers/cluster.ts';
 import { startPyShard, type PyShard } from '../test/helpers/py-shard.ts';
 import { spawnNode, type SpawnedNode } from '../test/helpers/spawn-node.ts';
@@ -80,6 +87,13 @@ export interface WireBenchOptions {
   readonly memoryGiB?: number;
   /** Warm Bazel builds, edge vs direct (BENCH_BAZEL=1). */
   readonly bazel?: boolean;
+  /**
+   * The TLS and auth section (wireTlsBench) after the rest (BENCH_TLS=1), or
+   * instead of it ('only', BENCH_TLS=only).
+   */
+  readonly tls?: boolean | 'only';
+  /** Write the TLS storage node's .cpuprofile into this dir (BENCH_TLS_PROF_DIR). */
+  readonly tlsProfileDir?: string | undefined;
   /** Progress on stderr. */
   readonly log?: (line: string) => void;
 }
@@ -114,17 +128,36 @@ process.on('exit', () => {
   for (const c of liveChildren) c.kill('SIGKILL');
 });
 
+interface TlsFiles {
+  readonly certFile: string;
+  readonly keyFile: string;
+}
+
 interface BareServer {
   readonly port: number;
   readonly pid: number;
   stop(): Promise<void>;
 }
 
-/** bench/anchors/bare-http2-server.ts, or with `relayTo` bench/anchors/bare-relay.ts in front of that port. */
-async function startBareServer(relayTo?: number): Promise<BareServer> {
-  const script = relayTo === undefined ? 'bare-http2-server.ts' : 'bare-relay.ts';
-  const extra = relayTo === undefined ? [] : ['--upstream', `http://127.0.0.1:${relayTo}`];
-  const [cmd, args] = guarded([process.execPath, join(repoRoot, 'bench', 'anchors', script), ...extra]);
+/**
+ * bench/anchors/bare-http2-server.ts (over TLS with `tls`), or with `relayTo`
+ * bench/anchors/bare-relay.ts in front of that port; with `pythonTls`
+ * bench/anchors/py-shard-tls.py, the python anchor over TLS (same
+ * "LISTENING <port>" handshake).
+ */
+async function startBareServer(relayTo?: number, o: { tls?: TlsFiles; pythonTls?: TlsFiles } = {}): Promise<BareServer> {
+  const tlsArgs = (t: TlsFiles) => ['--tls-cert', t.certFile, '--tls-key', t.keyFile];
+  let script: string;
+  let argv: string[];
+  if (o.pythonTls !== undefined) {
+    script = 'py-shard-tls.py';
+    argv = [python, join(repoRoot, 'bench', 'anchors', script), ...tlsArgs(o.pythonTls), '--check-completeness'];
+  } else {
+    script = relayTo === undefined ? 'bare-http2-server.ts' : 'bare-relay.ts';
+    const extra = relayTo === undefined ? (o.tls ? tlsArgs(o.tls) : []) : ['--upstream', `http://127.0.0.1:${relayTo}`];
+    argv = [process.execPath, join(repoRoot, 'bench', 'anchors', script), ...extra];
+  }
+  const [cmd, args] = guarded(argv);
   const child = spawn(cmd, args, { cwd: repoRoot, stdio: ['ignore', 'pipe', 'inherit'] });
   liveChildren.add(child);
   const exited = new Promise<void>((res) => child.once('exit', () => res()));
@@ -156,11 +189,27 @@ async function startBareServer(relayTo?: number): Promise<BareServer> {
 }
 
 /** Runs bench/grpcio_bench.py and returns the JSON object it prints. */
-async function grpcioBench(target: string, args: string[], opts: { settle?: string | undefined; stubsDir: string; timeoutMs?: number | undefined; log: (l: string) => void }): Promise<Out> {
+async function grpcioBench(
+  target: string,
+  args: string[],
+  opts: {
+    settle?: string | undefined;
+    stubsDir: string;
+    timeoutMs?: number | undefined;
+    log: (l: string) => void;
+    /** The target speaks TLS with a certificate from this CA. */
+    caFile?: string | undefined;
+    /** A bearer token sent on every call (passed in the environment, never on argv). */
+    token?: string | undefined;
+  },
+): Promise<Out> {
   const argv = [python, join(repoRoot, 'bench', 'grpcio_bench.py'), '--target', target, '--stubs-dir', opts.stubsDir];
   if (opts.settle) argv.push('--settle-target', opts.settle);
+  if (opts.caFile) argv.push('--ca-file', opts.caFile);
+  if (opts.token) argv.push('--token-env', 'BENCH_BEARER_TOKEN');
   const [cmd, a] = guarded([...argv, ...args]);
-  const child = spawn(cmd, a, { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
+  const env = opts.token ? { ...process.env, BENCH_BEARER_TOKEN: opts.token } : process.env;
+  const child = spawn(cmd, a, { cwd: repoRoot, env, stdio: ['ignore', 'pipe', 'pipe'] });
   liveChildren.add(child);
   let stdout = '';
   const errLines: string[] = [];
@@ -297,6 +346,13 @@ export async function startEdgeCluster(root: string, o: { probeWindowMs: number;
 // --- the bench ---------------------------------------------------------------------
 
 export async function wireBench(opts: WireBenchOptions): Promise<WireRow[]> {
+  if (opts.tls === 'only') return wireTlsBench(opts);
+  const rows = await wireBenchPlain(opts);
+  if (opts.tls) rows.push(...(await wireTlsBench(opts)));
+  return rows;
+}
+
+async function wireBenchPlain(opts: WireBenchOptions): Promise<WireRow[]> {
   const log = opts.log ?? ((l: string) => console.error(l));
   const probeWindowMs = opts.probeWindowMs ?? 90_000;
   const memoryGiB = opts.memoryGiB ?? 4;
@@ -501,6 +557,146 @@ export async function wireBench(opts: WireBenchOptions): Promise<WireRow[]> {
   return rows;
 }
 
+// --- TLS and auth ------------------------------------------------------------------
+
+/**
+ * What TLS and bearer-token auth cost on the storage node's data plane, with
+ * the C-core client, in one run against anchors measured the same way:
+ *   - node, node-tls, node-auth: three storage nodes (spawnNode's default
+ *     config: disk CAS, completeness-checked disk AC) listening cleartext,
+ *     with `tls`, and with `tls` + `auth` (one identity by tokenSha256,
+ *     read-write on every instance, no rate limit; the client sends
+ *     "authorization: Bearer ..." as call metadata on every call);
+ *   - python, python-tls: test/fixtures/py-shard/shard.py --check-completeness,
+ *     cleartext and over TLS (bench/anchors/py-shard-tls.py,
+ *     grpc.ssl_server_credentials): what TLS costs the C-core server;
+ *   - bare, bare-tls: bench/anchors/bare-http2-server.ts, cleartext and over
+ *     TLS (http2.createSecureServer): what TLS costs node:http2 itself
+ *     (ByteStream only).
+ * Certificates: a private CA and a P-256 server certificate for 127.0.0.1
+ * from test/helpers/certs.ts (openssl CLI); every TLS client verifies it.
+ * After an uncounted warm-up of every target (16 MiB ByteStream, 1 s of
+ * GetActionResult), ByteStream (write 64 KiB and 16 KiB messages, read) and
+ * GetActionResult (16 threads, 5 s) run BENCH_RUNS times with the targets in
+ * rotating order; medians. The ratios are taken within this one run.
+ */
+export async function wireTlsBench(opts: WireBenchOptions): Promise<WireRow[]> {
+  const log = opts.log ?? ((l: string) => console.error(l));
+  if (opensslMissing) throw new Error(`the TLS section needs openssl: ${opensslMissing}`);
+  const rows: WireRow[] = [];
+  const figure = (what: string, value: number, unit: string, digits = 0) => {
+    rows.push({ what, value: fmt(value, digits), unit, target: '', met: '' });
+    log(`  ${what}: ${fmt(value, digits)} ${unit}`);
+  };
+  const root = await mkdtemp(join(tmpdir(), 'reapi-bench-wire-tls-'));
+  const stubsDir = join(root, 'stubs');
+  const stops: (() => Promise<unknown>)[] = [];
+  const onSignal = () => process.exit(130);
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  try {
+    const pki = await createPki();
+    stops.push(() => pki.remove());
+    const tls = { certFile: pki.server.certFile, keyFile: pki.server.keyFile };
+    const token = randomBytes(32).toString('base64url');
+    const auth = {
+      anonymous: 'none',
+      identities: { bench: { tokenSha256: createHash('sha256').update(token).digest('hex'), grants: { '': 'read-write' } } },
+    };
+    const profEnv = opts.tlsProfileDir ? { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${resolve(opts.tlsProfileDir)}` } : undefined;
+    log('wire bench, TLS and auth: starting three storage nodes (cleartext, TLS, TLS + auth), python and bare anchors (cleartext and TLS)');
+    const started = await Promise.allSettled([
+      spawnNode({ config: { logLevel: 'info' } }),
+      spawnNode({ config: { logLevel: 'info', tls }, ...(profEnv ? { env: profEnv } : {}) }),
+      spawnNode({ config: { logLevel: 'info', tls, auth } }),
+      startPyShard({ checkCompleteness: true }),
+      startBareServer(undefined, { pythonTls: tls }),
+      startBareServer(),
+      startBareServer(undefined, { tls }),
+    ] as const);
+    for (const s of started) if (s.status === 'fulfilled') stops.push(() => (s.value as { stop(): Promise<unknown> }).stop());
+    for (const s of started) if (s.status === 'rejected') throw s.reason;
+    const [node, nodeTls, nodeAuth, py, pyTls, bare, bareTls] = started.map((s) => (s as PromiseFulfilledResult<unknown>).value) as [
+      SpawnedNode,
+      SpawnedNode,
+      SpawnedNode,
+      PyShard,
+      BareServer,
+      BareServer,
+      BareServer,
+    ];
+    const addr = (port: number) => `127.0.0.1:${port}`;
+    const targets = {
+      node: { addr: addr(node.port), caFile: undefined, token: undefined },
+      'node-tls': { addr: addr(nodeTls.port), caFile: pki.caFile, token: undefined },
+      'node-auth': { addr: addr(nodeAuth.port), caFile: pki.caFile, token },
+      python: { addr: addr(py.port), caFile: undefined, token: undefined },
+      'python-tls': { addr: addr(pyTls.port), caFile: pki.caFile, token: undefined },
+      bare: { addr: addr(bare.port), caFile: undefined, token: undefined },
+      'bare-tls': { addr: addr(bareTls.port), caFile: pki.caFile, token: undefined },
+    } as const;
+    type Name = keyof typeof targets;
+    const names = Object.keys(targets) as Name[];
+    const run = (name: Name, args: string[]) => grpcioBench(targets[name].addr, args, { ...targets[name], stubsDir, log });
+
+    const bs = Object.fromEntries(names.map((n) => [n, [] as Out[]])) as Record<Name, Out[]>;
+    const gar = Object.fromEntries(names.map((n) => [n, [] as number[]])) as Record<Name, number[]>;
+    // Warm-up, not counted: the node processes are fresh (cold JIT), the
+    // anchors in C and python are not.
+    log('TLS warm-up (not counted)');
+    for (const name of names) {
+      await run(name, ['bytestream', '--blob-mib', '16']);
+      if (!name.startsWith('bare')) await run(name, ['gar', '--seed', '9', '--threads', '16', '--seconds', '1']);
+    }
+    for (let i = 0; i < opts.runs; i++) {
+      log(`TLS run ${i + 1} of ${opts.runs}`);
+      const rotated = [...names.slice(i % names.length), ...names.slice(0, i % names.length)];
+      for (const name of rotated) bs[name].push(await run(name, ['bytestream', '--blob-mib', String(opts.blobMiB)]));
+      for (const name of rotated) {
+        if (!name.startsWith('bare')) gar[name].push(num(await run(name, ['gar', '--seed', '9', '--threads', '16', '--seconds', '5']), 'gar_calls_s'));
+      }
+    }
+    const bsm = (name: Name, key: string) => median(bs[name].map((f) => num(f, key)));
+    const garm = (name: Name) => median(gar[name]);
+
+    const label: Record<Name, string> = {
+      node: 'node cleartext',
+      'node-tls': 'node TLS',
+      'node-auth': 'node TLS + auth',
+      python: 'python cleartext',
+      'python-tls': 'python TLS',
+      bare: 'bare cleartext',
+      'bare-tls': 'bare TLS',
+    };
+    const mb = `${opts.blobMiB} MiB`;
+    const workloads = [
+      [`ByteStream Read ${mb}`, 'read_mib_s'],
+      [`ByteStream Write ${mb}, 64 KiB messages`, 'write_64k_mib_s'],
+      [`ByteStream Write ${mb}, 16 KiB messages`, 'write_16k_mib_s'],
+    ] as const;
+    for (const [what, key] of workloads) for (const name of names) figure(`${label[name]}: ${what}`, bsm(name, key), 'MiB/s');
+    for (const name of names) if (!name.startsWith('bare')) figure(`${label[name]}: GetActionResult, 16 threads, 3 outputs checked per result`, garm(name), 'calls/s');
+
+    const ratio = (a: Name, b: Name) => {
+      for (const [w, key] of workloads) figure(`${label[a]} / ${label[b]}: ${w.replace(/ \d+ MiB/, '')}`, bsm(a, key) / bsm(b, key), 'ratio', 2);
+      if (!a.startsWith('bare') && !b.startsWith('bare')) figure(`${label[a]} / ${label[b]}: GetActionResult calls/s`, garm(a) / garm(b), 'ratio', 2);
+    };
+    ratio('node-tls', 'node'); // the TLS cost
+    ratio('node-tls', 'python-tls'); // against the C-core server over TLS
+    ratio('node-tls', 'bare-tls'); // against the runtime's limit over TLS
+    ratio('node-auth', 'node-tls'); // the auth cost
+    // The anchors' own TLS cost: what the same TLS costs servers we did not write.
+    ratio('python-tls', 'python');
+    ratio('bare-tls', 'bare');
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    for (const stop of stops.reverse()) await stop().catch((err: unknown) => log(`cleanup: ${String(err)}`));
+    await rm(root, { recursive: true, force: true });
+  }
+  return rows;
+}
+
 export function printWireTable(rows: readonly WireRow[]): void {
   console.log('\n| measurement | value | unit | target | met |\n| --- | ---: | --- | --- | --- |');
   for (const r of rows) console.log(`| ${r.what} | ${r.value} | ${r.unit} | ${r.target} | ${r.met} |`);
@@ -515,6 +711,8 @@ export function wireOptionsFromEnv(): WireBenchOptions {
     memory: env.BENCH_MEMORY === '1',
     memoryGiB: Number(env.BENCH_MEMORY_GIB ?? 4),
     bazel: env.BENCH_BAZEL === '1',
+    tls: env.BENCH_TLS === 'only' ? 'only' : env.BENCH_TLS === '1',
+    tlsProfileDir: env.BENCH_TLS_PROF_DIR,
   };
 }
 

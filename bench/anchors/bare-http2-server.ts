@@ -11,9 +11,11 @@
 //     verified against the resource name's digest and renamed into place;
 //     answers WriteResponse{committed_size}.
 // Blobs live in a temp dir removed at exit. Announces "LISTENING <port>" on
-// stdout. Usage: node bench/anchors/bare-http2-server.ts [--port 0]
+// stdout. With --tls-cert and --tls-key the port speaks TLS (ALPN h2 only,
+// http2.createSecureServer, same settings): the runtime's limit over TLS.
+// Usage: node bench/anchors/bare-http2-server.ts [--port 0] [--tls-cert PEM --tls-key PEM]
 import { createHash, randomUUID } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, renameSync, rmSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, renameSync, rmSync, unlinkSync, writeSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import http2 from 'node:http2';
 import { tmpdir } from 'node:os';
@@ -267,7 +269,18 @@ function serveWrite(stream: http2.ServerHttp2Stream): void {
   });
 }
 
-const server = http2.createServer({ settings: { initialWindowSize: WINDOW, maxFrameSize: 1024 * 1024 - 1 } });
+const argValue = (flag: string): string | undefined => {
+  const i = process.argv.indexOf(flag);
+  return i > 0 ? process.argv[i + 1] : undefined;
+};
+const tlsCert = argValue('--tls-cert');
+const tlsKey = argValue('--tls-key');
+if ((tlsCert === undefined) !== (tlsKey === undefined)) throw new Error('--tls-cert and --tls-key go together');
+const settings = { initialWindowSize: WINDOW, maxFrameSize: 1024 * 1024 - 1 };
+const server =
+  tlsCert !== undefined && tlsKey !== undefined
+    ? http2.createSecureServer({ settings, cert: readFileSync(tlsCert), key: readFileSync(tlsKey), ALPNProtocols: ['h2'] })
+    : http2.createServer({ settings });
 server.on('session', (session) => {
   session.on('error', () => {});
   session.setLocalWindowSize(4 * WINDOW); // the connection window, for uploads
@@ -292,7 +305,6 @@ const cleanup = () => rmSync(dir, { recursive: true, force: true });
 process.on('exit', cleanup);
 for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => process.exit(0));
 
-const portArg = process.argv.indexOf('--port');
-server.listen(portArg > 0 ? Number(process.argv[portArg + 1]) : 0, '127.0.0.1', () => {
+server.listen(Number(argValue('--port') ?? 0), '127.0.0.1', () => {
   console.log(`LISTENING ${(server.address() as { port: number }).port}`);
 });

@@ -189,6 +189,12 @@ export interface LimitsConfig {
   readonly idleTimeoutMs: number;
   /** Time to receive a whole HTTP/1.1 request (headers and body). */
   readonly requestTimeoutMs: number;
+  /** Interrupted ByteStream uploads whose received prefix a disk CAS keeps for resumption. */
+  readonly maxPartialUploads: number;
+  /** Bytes of those prefixes kept in all (they also count against the disk store's maxSizeBytes). */
+  readonly maxPartialUploadBytes: number;
+  /** A kept prefix not resumed within this long is deleted. */
+  readonly partialUploadTtlMs: number;
 }
 
 const MiB = 1024 * 1024;
@@ -206,6 +212,9 @@ export const DEFAULT_LIMITS: LimitsConfig = {
   headersTimeoutMs: 10_000,
   idleTimeoutMs: 300_000,
   requestTimeoutMs: 300_000,
+  maxPartialUploads: 128,
+  maxPartialUploadBytes: 1024 * MiB,
+  partialUploadTtlMs: 600_000,
 };
 
 export const DEFAULT_INSTANCES: InstancesConfig = { isolateActionCache: true, aliases: new Map() };
@@ -831,6 +840,9 @@ const LIMIT_RANGES: Readonly<Record<keyof LimitsConfig, readonly [number, number
   headersTimeoutMs: [100, 600_000],
   idleTimeoutMs: [1000, 86_400_000],
   requestTimeoutMs: [1000, 86_400_000],
+  maxPartialUploads: [1, 1_000_000],
+  maxPartialUploadBytes: [MiB, Number.MAX_SAFE_INTEGER],
+  partialUploadTtlMs: [1000, 86_400_000],
 };
 
 function limitsConfig(value: unknown, path: string): LimitsConfig {

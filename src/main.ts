@@ -109,7 +109,7 @@ async function main(): Promise<number> {
 
   let stores: StoreTrees;
   try {
-    stores = await buildStores(config, { logger, registry, field: nodeField });
+    stores = await buildStores(config, { logger, registry, field: nodeField, limits: config.limits });
   } catch (err) {
     logger.fatal({ err }, 'could not open the stores');
     await supervisor?.stop();

@@ -41,10 +41,19 @@ const ZSTD_CHUNK_BYTES = 64 * 1024;
  *   compressed upload (both as the REAPI spec prescribes). A compressed
  *   upload that runs to the end reports the compressed bytes received, i.e.
  *   the next write_offset, which is what Bazel's uploader checks for.
- * - Partial uploads are not kept: an interrupted Write leaves nothing behind,
- *   QueryWriteStatus reports committed_size 0 until the blob is stored, and
- *   every Write must start at write_offset 0. Bazel then restarts an
- *   interrupted upload from the beginning, which the protocol allows.
+ * - Resumable uploads (uncompressed ones): every Write passes its upload
+ *   (the resource name's uuid, with the digest) down to the CAS tree
+ *   (PutOptions.upload). A store that keeps partial uploads (the disk store;
+ *   through an edge, the shard the upload went to: see BlobStore.uploadStatus)
+ *   keeps the prefix of a Write that was cancelled or broke. QueryWriteStatus
+ *   reports it as committed_size (complete=false), or the blob size and
+ *   complete=true once the blob is stored; a Write at write_offset =
+ *   committed_size sends only the rest. A Write at 0 restarts (dropping the
+ *   prefix); at any other offset it fails before any byte is stored:
+ *   OUT_OF_RANGE beyond the prefix (or the blob), INVALID_ARGUMENT behind it.
+ *   A tree that keeps no partials (memory) reports 0, so clients restart,
+ *   which the protocol allows. Compressed uploads are not resumable (the
+ *   decoder's state would have to be kept too): they start at 0 and report 0.
  * - Limits (config "limits"): a Write whose resource name declares a blob
  *   larger than maxBlobSizeBytes is INVALID_ARGUMENT before any byte is
  *   read: the size is a property of the request, and a retry (which
@@ -99,6 +108,22 @@ export function createByteStreamCore(deps: Pick<ServiceDeps, 'cas' | 'logger' | 
       // properly if it persists; the lookup was only a shortcut.
       logger.debug({ err, digest: digestString(digest) }, 'ByteStream.Write: existence check failed');
       return false;
+    }
+  }
+
+  /**
+   * Bytes of upload `uuid` the CAS tree keeps (0 when it keeps none). A
+   * failing lookup counts as 0: the client then restarts the upload, which
+   * is always correct.
+   */
+  async function keptPrefix(digest: Digest, uuid: string, signal: AbortSignal): Promise<number> {
+    if (cas.uploadStatus === undefined) return 0;
+    try {
+      return await cas.uploadStatus(digest, uuid, { signal });
+    } catch (err) {
+      if (signal.aborted) throw toConnectError(err);
+      logger.debug({ err, digest: digestString(digest) }, 'ByteStream: partial upload lookup failed');
+      return 0;
     }
   }
 
@@ -174,11 +199,32 @@ export function createByteStreamCore(deps: Pick<ServiceDeps, 'cas' | 'logger' | 
         return alreadyStored;
       }
 
+      // Resuming: the first message's write_offset must be what QueryWriteStatus reports.
+      const offset = first.value.writeOffset;
+      if (offset !== 0n) {
+        if (offset < 0n || compressed || offset > BigInt(resource.digest.size)) {
+          const problem =
+            offset < 0n
+              ? 'is negative'
+              : compressed
+                ? 'must be 0 for a compressed upload (compressed uploads are not resumable; QueryWriteStatus reports 0)'
+                : `is past the end of the ${resource.digest.size}-byte blob`;
+          throw new ConnectError(`Write ${quote(clip(name))}: write_offset ${offset} ${problem}`, Code.OutOfRange);
+        }
+        const kept = BigInt(await keptPrefix(resource.digest, resource.uuid, signal));
+        if (kept !== offset) {
+          throw new ConnectError(
+            `Write ${quote(clip(name))}: write_offset ${offset} is ${offset > kept ? 'beyond' : 'behind'} the ${kept} bytes ` +
+              `this server holds of the upload; resume at write_offset ${kept} (what QueryWriteStatus reports) or restart at 0`,
+            offset > kept ? Code.OutOfRange : Code.InvalidArgument,
+          );
+        }
+      }
       const upload = new IncomingUpload(name, it, first.value, signal);
       let data = upload.chunks();
       if (compressed) data = zstdDecompress(data, maxZstdWindowLog);
       try {
-        await cas.put(resource.digest, data, { signal });
+        await cas.put(resource.digest, data, compressed ? { signal } : { signal, upload: { id: resource.uuid, offset: Number(offset) } });
       } catch (err) {
         // Our own complaint about the stream is more precise than whatever a
         // store made of it on the way back up.
@@ -201,8 +247,9 @@ export function createByteStreamCore(deps: Pick<ServiceDeps, 'cas' | 'logger' | 
           complete: true,
         };
       }
-      // Nothing partial is ever persisted (see createByteStreamService).
-      return { committedSize: 0n, complete: false };
+      // The prefix a store kept of an interrupted upload (see createByteStreamService).
+      if (resource.compressor !== 'identity') return { committedSize: 0n, complete: false };
+      return { committedSize: BigInt(await keptPrefix(resource.digest, resource.uuid, signal)), complete: false };
     },
   };
 }
@@ -218,8 +265,8 @@ class IncomingUpload {
   readonly #it: AsyncIterator<WriteRequestFields>;
   readonly #first: WriteRequestFields;
   readonly #signal: AbortSignal;
-  /** Bytes received so far, as they came over the wire (compressed or not). */
-  received = 0n;
+  /** Bytes received so far (from the first write_offset on), as they came over the wire (compressed or not). */
+  received: bigint;
   /** True once finish_write was seen and the stream ended cleanly after it. */
   completed = false;
   /** The first protocol violation found, if any. */
@@ -230,6 +277,8 @@ class IncomingUpload {
     this.#it = it;
     this.#first = first;
     this.#signal = signal;
+    // Checked by the caller: 0, or the prefix a store kept.
+    this.received = first.writeOffset;
   }
 
   async *chunks(): AsyncGenerator<Uint8Array> {
@@ -269,12 +318,6 @@ class IncomingUpload {
       throw this.#fail(`resource_name changed mid-stream to ${quote(clip(msg.resourceName))}`);
     }
     if (msg.writeOffset !== this.received) {
-      if (this.received === 0n) {
-        throw this.#fail(
-          `write_offset ${msg.writeOffset} in the first message: uploads must start at 0 ` +
-            '(partial uploads are not kept; QueryWriteStatus reports committed_size 0)',
-        );
-      }
       throw this.#fail(`write_offset ${msg.writeOffset} is not contiguous: expected ${this.received}`);
     }
   }

@@ -61,8 +61,11 @@ export const GET_TREE_MAX_PAGE_BYTES = 3 * 1024 * 1024;
  *   in a deterministic, deduplicated BFS; resuming re-walks the tree up to that
  *   position, which costs reads only on resumption. A blob that is not a
  *   Directory is INVALID_ARGUMENT (the CAS verified its content, so the tree
- *   the client uploaded is wrong, not our storage); a missing directory is
- *   NOT_FOUND naming its digest and path.
+ *   the client uploaded is wrong, not our storage). As the spec asks, a tree
+ *   that is partly missing returns the portion present: a subdirectory the
+ *   CAS does not hold is left out, with everything below it, and the walk
+ *   goes on; only a missing root is NOT_FOUND. Other read failures
+ *   (UNAVAILABLE and the like) fail the call rather than pass for absence.
  * - SplitBlob / SpliceBlob are UNIMPLEMENTED (capabilities say so).
  * - Limits (config "limits"): more digests in one FindMissingBlobs than
  *   maxFindMissingDigests, or in one BatchReadBlobs / BatchUpdateBlobs than
@@ -367,10 +370,12 @@ async function* walkDirectories(cas: BlobStore, root: Digest, signal: AbortSigna
       queue.splice(0, head);
       head = 0;
     }
-    const directories = await Promise.all(batch.map((e) => fetchDirectory(cas, e.digest, e.path, root, signal)));
+    const directories = await Promise.all(batch.map((e) => fetchDirectory(cas, e.digest, e.path, root, signal, e.digest === root)));
     for (let i = 0; i < batch.length; i++) {
       const { digest, path } = batch[i]!;
-      const directory = directories[i]!;
+      const directory = directories[i];
+      // Not in the CAS: left out of the tree, with its subtree.
+      if (directory === undefined) continue;
       directory.directories.forEach((node, j) => {
         const childPath = path === '' ? node.name : `${path}/${node.name}`;
         const child = fromProtoDigest(
@@ -387,13 +392,24 @@ async function* walkDirectories(cas: BlobStore, root: Digest, signal: AbortSigna
   }
 }
 
-async function fetchDirectory(cas: BlobStore, d: Digest, path: string, root: Digest, signal: AbortSignal): Promise<Directory> {
-  const what = path === '' ? `root directory ${digestString(d)}` : `directory ${digestString(d)} at "${path}" under ${digestString(root)}`;
+/** A directory of the tree; undefined for a subdirectory the CAS does not hold (a missing root is NOT_FOUND). */
+async function fetchDirectory(
+  cas: BlobStore,
+  d: Digest,
+  path: string,
+  root: Digest,
+  signal: AbortSignal,
+  isRoot: boolean,
+): Promise<Directory | undefined> {
+  const what = isRoot ? `root directory ${digestString(d)}` : `directory ${digestString(d)} at "${path}" under ${digestString(root)}`;
   let bytes: Uint8Array;
   try {
     bytes = await readSmallBlob(cas, d, signal);
   } catch (err) {
-    if (isCode(err, Code.NotFound)) throw new ConnectError(`${what} not found`, Code.NotFound);
+    if (isCode(err, Code.NotFound)) {
+      if (isRoot) throw new ConnectError(`${what} not found`, Code.NotFound);
+      return undefined;
+    }
     throw toConnectError(err);
   }
   try {

@@ -25,7 +25,33 @@ export interface GetOptions extends CallOptions {
   readonly limit?: number | undefined;
 }
 
-export type PutOptions = CallOptions;
+/**
+ * A resumable upload (a ByteStream Write, keyed by its resource name's
+ * upload id and digest): see BlobStore.uploadStatus.
+ */
+export interface UploadRef {
+  /** The client's upload id (the `{uuid}` of `uploads/{uuid}/blobs/...`); opaque, never empty. */
+  readonly id: string;
+  /**
+   * The blob byte the put's chunks start at: 0 for a new upload (which
+   * discards any prefix kept for the same id), else the size of the prefix
+   * the store kept, as uploadStatus() reported it.
+   */
+  readonly offset: number;
+}
+
+export interface PutOptions extends CallOptions {
+  /**
+   * CAS only: makes the put a resumable upload. A store that keeps partial
+   * uploads (one with uploadStatus) keeps the prefix it received when the
+   * put fails because its source failed or the caller cancelled, and
+   * continues that prefix when a later put names the same upload at
+   * offset = the kept size. Routers pass it down to the store the put
+   * goes to. A store that keeps none ignores it at offset 0 and must refuse
+   * a put at any other offset (OUT_OF_RANGE): its chunks are only the rest.
+   */
+  readonly upload?: UploadRef | undefined;
+}
 
 /**
  * What a store reports about itself for the admin page and metrics. `kind` is
@@ -66,6 +92,18 @@ export interface BlobStore {
    * visible. Resolves only once the blob is durable and readable.
    */
   put(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void>;
+
+  /**
+   * Optional capability, CAS only: resumable uploads. The number of bytes of
+   * upload `uploadId` of `digest` that this store keeps from an interrupted
+   * put (see PutOptions.upload), 0 when it keeps none. A put with
+   * `upload: {id: uploadId, offset: n}` continues them; nothing partial is
+   * ever visible as a blob (findMissing and get never see it). Kept prefixes
+   * are bounded in count and bytes, and expire. Decorators forward it to
+   * the store their puts go to; a store without it keeps no partials, which
+   * callers treat as 0.
+   */
+  uploadStatus?(digest: Digest, uploadId: string, opts?: CallOptions): Promise<number>;
 
   /** State for the admin page and metrics. Cheap and synchronous. */
   describe(): StoreDescription;

@@ -1,4 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
+import type { Hash } from 'node:crypto';
 import type { FileHandle } from 'node:fs/promises';
 import { statSync } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, unlink, utimes, writeFile } from 'node:fs/promises';
@@ -7,11 +8,12 @@ import type { Readable } from 'node:stream';
 import { Code, ConnectError } from '@connectrpc/connect';
 import type { Logger } from 'pino';
 import { abortable, mapLimit } from '../concurrency.ts';
+import { DEFAULT_LIMITS } from '../config.ts';
 import type { Digest } from '../digest.ts';
 import { digestString, EMPTY_SHA256, isEmptyDigest, SHA256_HEX_LENGTH } from '../digest.ts';
 import { notFound, storageError, throwIfAborted, toConnectError } from '../errors.ts';
 import { resolveRange, verifying } from '../streams.ts';
-import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
+import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription, UploadRef } from './blob-store.ts';
 
 export interface DiskStoreOptions {
   /** The store's own directory; created if absent. One process per directory. */
@@ -42,7 +44,44 @@ export interface DiskStoreOptions {
    * dropped first. Default 32 MiB; 0 turns the cache off.
    */
   readonly valueCacheBytes?: number | undefined;
+  /**
+   * CAS only: bounds on the prefixes of interrupted uploads kept for
+   * resumption (see "Resumable uploads" below). Defaults: the
+   * limits.maxPartialUploads, maxPartialUploadBytes and partialUploadTtlMs
+   * defaults of config.ts.
+   */
+  readonly partialUploads?: PartialUploadLimits | undefined;
 }
+
+export interface PartialUploadLimits {
+  /** Most prefixes kept at once; the oldest goes first. */
+  readonly maxCount?: number | undefined;
+  /** Most bytes kept in all; a prefix larger than this is not kept. */
+  readonly maxBytes?: number | undefined;
+  /** A prefix not resumed within this long is deleted. */
+  readonly ttlMs?: number | undefined;
+}
+
+/** The kept prefix of an interrupted upload (see DiskStore). */
+interface PartialUpload {
+  readonly key: string;
+  readonly digest: Digest;
+  readonly tmpPath: string;
+  /** Bytes in the temp file, all of them hashed into `hash`; counted in #reserved. */
+  readonly bytes: number;
+  /** SHA-256 state over exactly those bytes, so a resumption does not re-read them. */
+  readonly hash: Hash;
+  readonly timer: NodeJS.Timeout;
+}
+
+/** A resumable upload being written (see #activeUploads). */
+interface ActiveUpload {
+  readonly ctl: AbortController;
+  readonly done: Promise<void>;
+}
+
+/** Longest uploadStatus() waits for a write of the same upload to settle (park its prefix). */
+const UPLOAD_SETTLE_MS = 2000;
 
 interface Entry {
   /** Bytes in the file: the digest size for the CAS, the value length for the AC. */
@@ -99,6 +138,29 @@ interface CachedValue {
  * cannot fit even with every stored blob evicted (other uploads in flight
  * hold the rest) fails RESOURCE_EXHAUSTED, which clients retry. Blobs evicted
  * for an upload that is then abandoned stay evicted.
+ *
+ * Resumable uploads (CAS; PutOptions.upload, uploadStatus()): a put that
+ * names an upload keeps its temp file when it fails because its source
+ * failed or its caller cancelled (a ByteStream Write cancelled or broken):
+ * the bytes received up to then are written out and parked under the
+ * upload's key (upload id + digest), with the SHA-256 state over them kept
+ * in memory, so a put at offset = the kept size appends to the same file
+ * and carries on hashing without reading the prefix again (re-reading and
+ * hashing a 32 MiB prefix measured 28-39 ms from the page cache, more from a
+ * cold disk; the kept state is a few hundred bytes and costs nothing). A prefix is never a blob: it lives in tmp/ and is renamed into
+ * place only once the whole blob is verified. A prefix the store itself
+ * refused (too long, I/O error) is not kept, nor is one interrupted by
+ * close(). Parked prefixes count against maxSizeBytes like uploads in
+ * flight, are bounded in count and bytes (`partialUploads`; the oldest goes
+ * first), expire after `partialUploads.ttlMs`, are dropped first when an
+ * upload needs room, and do not survive a restart (tmp/ is emptied on
+ * open). A put at offset 0 discards the upload's prefix; at any other
+ * offset than the kept size it fails OUT_OF_RANGE (offset beyond the kept
+ * prefix) or INVALID_ARGUMENT (behind it), and the prefix stays. A new put
+ * of an upload that is still being written (the client gave up on the old
+ * stream before the server noticed) cancels the old one first and then
+ * sees what it kept; uploadStatus() likewise waits up to 2 s for such a
+ * write to settle.
  *
  * AC namespaces (CallOptions.namespace): the default namespace "" is the
  * layout above, so entries written before namespaces existed are read as
@@ -168,6 +230,15 @@ export class DiskStore implements BlobStore {
   #closePromise: Promise<void> | undefined;
   #tmpSeq = 0;
   #bytes = 0;
+  // Resumable uploads: prefixes kept (oldest first) and uploads being written, by upload key.
+  readonly #partials = new Map<string, PartialUpload>();
+  readonly #activeUploads = new Map<string, ActiveUpload>();
+  readonly #partialMaxCount: number;
+  readonly #partialMaxBytes: number;
+  readonly #partialTtlMs: number;
+  #partialBytes = 0;
+  #partialsResumed = 0;
+  #partialsExpired = 0;
   /** Bytes reserved by writes in flight (their temp files), counted against the cap. */
   #reserved = 0;
   #evictions = 0;
@@ -188,6 +259,9 @@ export class DiskStore implements BlobStore {
     this.#valueCacheMax = opts.contentAddressed ? 0 : (opts.valueCacheBytes ?? DEFAULT_VALUE_CACHE_BYTES);
     this.#index = new BlobIndex(opts.contentAddressed);
     this.#log = opts.logger;
+    this.#partialMaxCount = opts.partialUploads?.maxCount ?? DEFAULT_LIMITS.maxPartialUploads;
+    this.#partialMaxBytes = opts.partialUploads?.maxBytes ?? DEFAULT_LIMITS.maxPartialUploadBytes;
+    this.#partialTtlMs = opts.partialUploads?.ttlMs ?? DEFAULT_LIMITS.partialUploadTtlMs;
   }
 
   /** Opens (or creates) the store at `opts.path` and rebuilds its index from disk. */
@@ -299,16 +373,73 @@ export class DiskStore implements BlobStore {
   async put(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void> {
     this.#checkOpen();
     throwIfAborted(opts?.signal);
+    const upload = opts?.upload;
+    if (upload !== undefined && !this.#opts.contentAddressed && upload.offset !== 0) {
+      throw new ConnectError(`entry ${digestString(digest)}: this store keeps no partial uploads; write from offset 0`, Code.OutOfRange);
+    }
     if (this.#opts.contentAddressed) {
       if (digest.size > this.#opts.maxSizeBytes) throw this.#tooLarge(digest, digest.size);
       if (isEmptyDigest(digest)) {
+        if (upload !== undefined && upload.offset !== 0) throw this.#wrongOffset(digest, upload, 0);
         // Always present; nothing to store, but the stream must still be empty.
         for await (const _ of verifying(digest, chunks)) throwIfAborted(opts?.signal);
         return;
       }
     }
-    const signal = opts?.signal ? AbortSignal.any([opts.signal, this.#closing.signal]) : this.#closing.signal;
-    const write = this.#write(digest, chunks, signal, opts?.signal, opts?.namespace);
+    if (!this.#opts.contentAddressed || upload === undefined) {
+      const signal = opts?.signal ? AbortSignal.any([opts.signal, this.#closing.signal]) : this.#closing.signal;
+      await this.#tracked(this.#write(digest, chunks, signal, opts?.signal, opts?.namespace, undefined));
+      return;
+    }
+    // A resumable upload: one write per upload key at a time, the newest wins.
+    const key = uploadKey(upload.id, digest);
+    for (let active = this.#activeUploads.get(key); active !== undefined; active = this.#activeUploads.get(key)) {
+      active.ctl.abort(new ConnectError(`write of blob ${digestString(digest)} was superseded by a newer Write of upload ${upload.id}`, Code.Aborted));
+      await active.done.catch(noop);
+      throwIfAborted(opts?.signal);
+      this.#checkOpen();
+    }
+    const ctl = new AbortController();
+    const signal = AbortSignal.any([ctl.signal, this.#closing.signal, ...(opts?.signal ? [opts.signal] : [])]);
+    const done = this.#write(digest, chunks, signal, opts?.signal, undefined, { ...upload, key });
+    const active = { ctl, done };
+    this.#activeUploads.set(key, active);
+    try {
+      await this.#tracked(done);
+    } finally {
+      if (this.#activeUploads.get(key) === active) this.#activeUploads.delete(key);
+    }
+  }
+
+  /**
+   * The bytes of upload `uploadId` of `digest` kept from an interrupted put
+   * (see "Resumable uploads"); 0 if none. If a put of that upload is still
+   * running, waits up to UPLOAD_SETTLE_MS for it to end first: a client that
+   * cancelled a Write asks at once, often before the cancellation reached
+   * the write.
+   */
+  async uploadStatus(digest: Digest, uploadId: string, opts?: CallOptions): Promise<number> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    if (!this.#opts.contentAddressed || isEmptyDigest(digest)) return 0;
+    const key = uploadKey(uploadId, digest);
+    const active = this.#activeUploads.get(key);
+    if (active !== undefined) {
+      let timer: NodeJS.Timeout | undefined;
+      const waited = new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, UPLOAD_SETTLE_MS);
+      });
+      try {
+        const settled = Promise.race([active.done.catch(noop), waited]);
+        await (opts?.signal === undefined ? settled : abortable(settled, opts.signal));
+      } finally {
+        clearTimeout(timer);
+      }
+    }
+    return this.#partials.get(key)?.bytes ?? 0;
+  }
+
+  async #tracked(write: Promise<void>): Promise<void> {
     this.#writesInFlight.add(write);
     try {
       await write;
@@ -325,6 +456,14 @@ export class DiskStore implements BlobStore {
       blobs: this.#index.size,
       bytes: this.#bytes,
       uploadBytesInFlight: this.#reserved,
+      ...(this.#opts.contentAddressed
+        ? {
+            partialUploads: this.#partials.size,
+            partialUploadBytes: this.#partialBytes,
+            partialUploadsResumed: this.#partialsResumed,
+            partialUploadsExpired: this.#partialsExpired,
+          }
+        : {}),
       maxSizeBytes: this.#opts.maxSizeBytes,
       evictions: this.#evictions,
       writes: this.#writes,
@@ -347,6 +486,7 @@ export class DiskStore implements BlobStore {
     this.#closePromise ??= (async () => {
       this.#closing.abort(new ConnectError('the disk store is closing', Code.Unavailable));
       await Promise.allSettled([...this.#writesInFlight]);
+      await Promise.all([...this.#partials.values()].map((p) => this.#discardPartial(p)));
       await Promise.allSettled([...this.#keyOps.values()]);
       while (this.#touchWorkers.size > 0) await Promise.allSettled([...this.#touchWorkers]);
       this.#index.clear();
@@ -363,43 +503,118 @@ export class DiskStore implements BlobStore {
     chunks: AsyncIterable<Uint8Array>,
     signal: AbortSignal,
     callerSignal: AbortSignal | undefined,
-    namespace?: string | undefined,
+    namespace: string | undefined,
+    upload: (UploadRef & { readonly key: string }) | undefined,
   ): Promise<void> {
     const key = this.#key(digest, namespace);
-    const tmpPath = join(this.#tmpDir, `${digestString(digest)}.${++this.#tmpSeq}.${randomBytes(4).toString('hex')}`);
+    const cas = this.#opts.contentAddressed;
+    // Resuming: take over the kept prefix (its file, hash state and reserved bytes).
+    let resumed: PartialUpload | undefined;
+    if (upload !== undefined) {
+      resumed = this.#takePartial(upload.key);
+      if (upload.offset === 0) {
+        if (resumed !== undefined) void this.#discardPartial(resumed, true);
+        resumed = undefined;
+      } else if (resumed === undefined || resumed.bytes !== upload.offset) {
+        if (resumed !== undefined) this.#park(resumed);
+        throw this.#wrongOffset(digest, upload, resumed?.bytes ?? 0);
+      }
+    }
+    const tmpPath = resumed?.tmpPath ?? join(this.#tmpDir, `${digestString(digest)}.${++this.#tmpSeq}.${randomBytes(4).toString('hex')}`);
     let fh: FileHandle | undefined;
     let committed = false;
-    // Bytes of this write counted in #reserved until it commits or fails.
-    const reservation = { bytes: 0 };
+    // Bytes of this write counted in #reserved until it commits, fails or parks.
+    const reservation = { bytes: resumed?.bytes ?? 0 };
+    // CAS: the SHA-256 and length of everything in the temp file.
+    const hash = cas ? (resumed?.hash ?? createHash('sha256')) : undefined;
+    const prefix = resumed?.bytes ?? 0;
+    // Set once the bytes in the temp file are exactly those hashed, after a
+    // failure of the source or a cancellation: the prefix may be kept.
+    let keepable = false;
+    // CAS: bytes hashed so far (and, once `keepable`, in the temp file).
+    let n = prefix;
+    // The temp file is (again) a kept prefix: it must not be deleted.
+    let parked = false;
     try {
       // The CAS knows the size up front: make room before the first byte.
-      if (this.#opts.contentAddressed) this.#reserve(reservation, digest, digest.size);
-      fh = await this.#io(`creating temp file for blob ${key}`, open(tmpPath, 'wx', 0o644));
-      const source = this.#opts.contentAddressed ? verifying(digest, chunks) : this.#capped(digest, chunks, reservation);
+      if (cas) {
+        try {
+          this.#reserve(reservation, digest, digest.size - prefix);
+        } catch (err) {
+          if (resumed !== undefined) {
+            // Give the prefix back untouched: the client may retry.
+            reservation.bytes = 0;
+            parked = this.#park(resumed);
+            resumed = undefined;
+          }
+          throw err;
+        }
+        if (resumed !== undefined) this.#partialsResumed++;
+      }
+      fh = await this.#io(
+        `${resumed === undefined ? 'creating' : 'reopening'} temp file for blob ${key}`,
+        open(tmpPath, resumed === undefined ? 'wx' : 'a', 0o644),
+      );
+      const source = cas ? chunks : this.#capped(digest, chunks, reservation);
       const it = source[Symbol.asyncIterator]();
       const file = fh;
       // Buffers no larger than the blob: small blobs are most of a CAS.
-      const capacity = this.#opts.contentAddressed ? digest.size : 64 * 1024;
+      const capacity = cas ? digest.size - prefix : 64 * 1024;
       const out = new WriteBehind(capacity, (buf) => this.#io(`writing blob ${key}`, writeFully(file, buf)));
       try {
         for (;;) {
-          const r = await abortable(it.next(), signal);
+          let r: IteratorResult<Uint8Array>;
+          try {
+            r = await abortable(it.next(), signal);
+          } catch (err) {
+            keepable = upload !== undefined && !this.#closing.signal.aborted;
+            throw err;
+          }
           if (r.done) break;
+          const chunk = r.value;
+          if (hash !== undefined) {
+            n += chunk.byteLength;
+            if (n > digest.size) {
+              throw new ConnectError(`blob ${digestString(digest)}: received more than ${digest.size} bytes`, Code.InvalidArgument);
+            }
+            hash.update(chunk);
+          }
           // At most two buffers per upload: one being written, one filling.
-          await out.add(r.value);
+          await out.add(chunk);
         }
         await out.flush();
       } catch (err) {
         // Stop the source (it may be stuck waiting on a client); don't wait.
         it.return?.().catch(noop);
-        await out.settle();
+        if (keepable) {
+          // Everything hashed goes to the file, or nothing is kept.
+          try {
+            await out.flush();
+          } catch {
+            keepable = false;
+            await out.settle();
+          }
+        } else {
+          await out.settle();
+        }
         throw err;
       }
-      const size = out.bytes;
+      if (hash !== undefined) {
+        if (n !== digest.size) {
+          throw new ConnectError(`blob ${digestString(digest)}: received ${n} bytes, digest says ${digest.size}`, Code.InvalidArgument);
+        }
+        const got = hash.digest('hex');
+        if (got !== digest.hash) {
+          throw new ConnectError(`blob ${digestString(digest)}: content hashes to ${got}, not to the digest's hash`, Code.InvalidArgument);
+        }
+      }
+      const size = cas ? n : out.bytes;
       if (this.#fsync) await this.#io(`syncing blob ${key}`, fh.sync());
       await this.#io(`closing blob ${key}`, fh.close());
       fh = undefined;
-      if (signal.aborted) throw signal.reason;
+      // Cancelled or closing: commit nothing. (A newer Write of the same
+      // upload does not stop one that already has the whole verified blob.)
+      if (callerSignal?.aborted || this.#closing.signal.aborted) throw signal.reason;
       await this.#withKey(key, async () => {
         await this.#renameIntoPlace(tmpPath, key, namespace);
         committed = true;
@@ -419,16 +634,101 @@ export class DiskStore implements BlobStore {
       // acknowledgement waits until it is durable.
       if (this.#fsync) await this.#syncDir(dirname(this.#blobPath(key)), `syncing the directory of blob ${key}`);
     } catch (err) {
+      if (fh !== undefined) {
+        const closed = await fh.close().then(
+          () => true,
+          () => false,
+        );
+        if (keepable && closed && !committed && upload !== undefined && hash !== undefined && n > 0 && n <= reservation.bytes) {
+          // The prefix keeps `n` bytes of this write's reservation; the rest is released below.
+          reservation.bytes -= n;
+          parked = this.#park({ key: upload.key, digest, tmpPath, bytes: n, hash }, true);
+          if (!parked) reservation.bytes += n;
+        }
+      }
       this.#reserved -= reservation.bytes;
       reservation.bytes = 0;
-      if (fh !== undefined) await fh.close().catch(noop);
-      if (!committed) {
+      if (!committed && !parked) {
         await unlink(tmpPath).catch((e: unknown) => {
           if (errno(e) !== 'ENOENT') this.#log?.warn({ err: e, tmpPath }, 'disk store: could not remove temp file');
         });
       }
       throw this.#writeError(err, key, signal, callerSignal);
     }
+  }
+
+  // ---- resumable uploads ----
+
+  /** Removes the kept prefix of `key` from the table and hands it (file, hash, reserved bytes) to the caller. */
+  #takePartial(key: string): PartialUpload | undefined {
+    const p = this.#partials.get(key);
+    if (p === undefined) return undefined;
+    clearTimeout(p.timer);
+    this.#partials.delete(key);
+    this.#partialBytes -= p.bytes;
+    return p;
+  }
+
+  /**
+   * Keeps `p` (whose bytes are counted in #reserved) for resumption, within
+   * the bounds: older prefixes go first to make room; one larger than all
+   * the room there is is not kept. Returns false, having released nothing,
+   * when `p` is not kept and `fresh` (the caller then releases it);
+   * otherwise a prefix not kept is discarded here.
+   */
+  #park(p: Omit<PartialUpload, 'timer'>, fresh = false): boolean {
+    if (p.bytes > this.#partialMaxBytes || this.#partialMaxCount < 1 || this.#closePromise !== undefined) {
+      if (!fresh) void this.#discardPartial(p, true);
+      return false;
+    }
+    for (const old of this.#partials.values()) {
+      if (this.#partials.size < this.#partialMaxCount && this.#partialBytes + p.bytes <= this.#partialMaxBytes) break;
+      this.#takePartial(old.key);
+      void this.#discardPartial(old, true);
+    }
+    const timer = setTimeout(() => {
+      if (this.#partials.get(p.key)?.tmpPath !== p.tmpPath) return;
+      this.#partialsExpired++;
+      const kept = this.#takePartial(p.key)!;
+      void this.#discardPartial(kept, true);
+    }, this.#partialTtlMs);
+    timer.unref();
+    const kept: PartialUpload = { ...p, timer };
+    this.#partials.set(p.key, kept);
+    this.#partialBytes += p.bytes;
+    return true;
+  }
+
+  /**
+   * Deletes a prefix's temp file and releases its reserved bytes. `taken`:
+   * already out of the table (see #takePartial).
+   */
+  async #discardPartial(p: Omit<PartialUpload, 'timer'>, taken = false): Promise<void> {
+    if (!taken) {
+      if (this.#partials.get(p.key)?.tmpPath !== p.tmpPath) return;
+      this.#takePartial(p.key);
+    }
+    this.#reserved -= p.bytes;
+    await unlink(p.tmpPath).catch((e: unknown) => {
+      if (errno(e) !== 'ENOENT') this.#log?.warn({ err: e, tmpPath: p.tmpPath }, 'disk store: could not remove a partial upload');
+    });
+  }
+
+  /** A put at `upload.offset` when the store keeps `kept` bytes of that upload. */
+  #wrongOffset(digest: Digest, upload: UploadRef, kept: number): ConnectError {
+    const where = `upload ${upload.id} of blob ${digestString(digest)}`;
+    if (upload.offset > kept) {
+      return new ConnectError(
+        `write_offset ${upload.offset} is beyond the ${kept} bytes this server holds of ${where} ` +
+          `(QueryWriteStatus reports them; resume there, or restart at 0)`,
+        Code.OutOfRange,
+      );
+    }
+    return new ConnectError(
+      `write_offset ${upload.offset} is behind the ${kept} bytes this server holds of ${where}: ` +
+        `resume at write_offset ${kept} (what QueryWriteStatus reports), or restart at 0`,
+      Code.InvalidArgument,
+    );
   }
 
   async #renameIntoPlace(tmpPath: string, key: string, namespace?: string | undefined): Promise<void> {
@@ -488,6 +788,12 @@ export class DiskStore implements BlobStore {
    */
   #reserve(reservation: { bytes: number }, digest: Digest, bytes: number): void {
     const max = this.#opts.maxSizeBytes;
+    // Kept prefixes of interrupted uploads are the first to go.
+    for (const p of this.#partials.values()) {
+      if (this.#reserved + bytes <= max) break;
+      this.#takePartial(p.key);
+      void this.#discardPartial(p, true);
+    }
     // Nothing is evicted for a write that could not fit anyway.
     if (this.#reserved + bytes > max) {
       throw new ConnectError(
@@ -525,6 +831,7 @@ export class DiskStore implements BlobStore {
     if (callerSignal?.aborted) {
       return new ConnectError(`write of blob ${key} was cancelled`, Code.Canceled, undefined, undefined, callerSignal.reason);
     }
+    if (signal.aborted && !this.#closing.signal.aborted) return toConnectError(signal.reason);
     if (signal.aborted) {
       return new ConnectError(
         `the disk store is closing; write of blob ${key} aborted`,
@@ -969,6 +1276,11 @@ class BlobIndex extends Map<string, Entry> {
     super.delete(key);
     super.set(key, entry);
   }
+}
+
+/** The key of a resumable upload: its id and the blob's digest. */
+function uploadKey(id: string, digest: Digest): string {
+  return `${id}/${digestString(digest)}`;
 }
 
 /** One chunk as an AsyncIterable, without a generator. */

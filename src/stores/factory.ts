@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
-import type { StoreConfig } from '../config.ts';
+import type { LimitsConfig, StoreConfig } from '../config.ts';
 import type { BlobStore } from './blob-store.ts';
 import { CompletenessCheckingStore } from './completeness-checking-store.ts';
 import { DiskStore } from './disk-store.ts';
@@ -28,6 +28,8 @@ export interface BuildOptions {
   readonly registry?: Registry | undefined;
   /** How errors name the config holding the trees (default "config"; a child's is "config.children.NAME"). */
   readonly field?: string | undefined;
+  /** The node's limits: a disk CAS takes its partial-upload bounds from them. Default DEFAULT_LIMITS. */
+  readonly limits?: LimitsConfig | undefined;
 }
 
 interface BuildContext {
@@ -43,6 +45,7 @@ interface BuildContext {
   /** Every store built so far, so a failure half-way can close them. */
   readonly built: BlobStore[];
   readonly sharding: ShardingStore[];
+  readonly limits: LimitsConfig | undefined;
 }
 
 /**
@@ -52,7 +55,7 @@ interface BuildContext {
  */
 export async function buildStores(config: { readonly cas: StoreConfig; readonly ac: StoreConfig }, opts: BuildOptions): Promise<StoreTrees> {
   const built: BlobStore[] = [];
-  const common = { logger: opts.logger, registry: opts.registry, path: '', built };
+  const common = { logger: opts.logger, registry: opts.registry, path: '', built, limits: opts.limits };
   try {
     const casSharding: ShardingStore[] = [];
     const acSharding: ShardingStore[] = [];
@@ -86,7 +89,21 @@ async function buildStore(config: StoreConfig, ctx: BuildContext): Promise<BlobS
       store = new MemoryStore({ maxSizeBytes: config.maxSizeBytes, contentAddressed });
       break;
     case 'disk':
-      store = await DiskStore.open({ path: config.path, maxSizeBytes: config.maxSizeBytes, contentAddressed, logger });
+      store = await DiskStore.open({
+        path: config.path,
+        maxSizeBytes: config.maxSizeBytes,
+        contentAddressed,
+        logger,
+        ...(ctx.limits === undefined
+          ? {}
+          : {
+              partialUploads: {
+                maxCount: ctx.limits.maxPartialUploads,
+                maxBytes: ctx.limits.maxPartialUploadBytes,
+                ttlMs: ctx.limits.partialUploadTtlMs,
+              },
+            }),
+      });
       break;
     case 'completenessChecking': {
       if (ctx.cas === undefined) {

@@ -541,7 +541,8 @@ export class FallbackStore implements BlobStore {
         throw withPrefix('primary', err);
       }
       this.#breaker.recordFailure(err);
-      if (!source.replayable) {
+      // A resumed upload's rest is no use to a side that holds no prefix (see uploadStatus).
+      if (!source.replayable || (opts?.upload?.offset ?? 0) !== 0) {
         source.dispose();
         throw withPrefix('primary', err);
       }
@@ -684,6 +685,28 @@ export class FallbackStore implements BlobStore {
       const why = err instanceof DurableLogFullError ? 'the catch-up journal is full' : `journaling failed: ${describe(err)}`;
       throw new ConnectError(`fallback: the ${owedTo} is unavailable and ${why}; refusing the write`, Code.Unavailable, undefined, undefined, err);
     }
+  }
+
+  /**
+   * Resumable uploads (see BlobStore.uploadStatus), passed through to the
+   * side(s) a put would go to now, which put() hands the upload to: the
+   * secondary while the primary is down; in sync mode with both up, both,
+   * and only a prefix both sides kept alike is resumable (each side resumes
+   * its own; prefixes that differ, because the cut reached the two at
+   * different bytes, count as 0 and the client restarts); otherwise the
+   * primary. A resumed upload is not failed over to the other side (that
+   * side holds no prefix): the client restarts it.
+   */
+  async uploadStatus(digest: Digest, uploadId: string, opts?: CallOptions): Promise<number> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    const status = async (store: BlobStore): Promise<number> => (await store.uploadStatus?.(digest, uploadId, opts)) ?? 0;
+    if (!this.#primaryUp()) return status(this.#secondary);
+    if (this.#durability === 'sync' && this.#secondaryUp()) {
+      const [p, s] = await Promise.all([status(this.#primary), status(this.#secondary)]);
+      return p === s ? p : 0;
+    }
+    return status(this.#primary);
   }
 
   describe(): StoreDescription {

@@ -1,5 +1,6 @@
+import { Code, ConnectError } from '@connectrpc/connect';
 import type { Digest } from '../digest.ts';
-import { digestKey, isEmptyDigest } from '../digest.ts';
+import { digestKey, digestString, isEmptyDigest } from '../digest.ts';
 import { notFound, throwIfAborted } from '../errors.ts';
 import { collect, resolveRange, verifying } from '../streams.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
@@ -62,6 +63,14 @@ export class MemoryStore implements BlobStore {
 
   async put(digest: Digest, chunks: AsyncIterable<Uint8Array>, opts?: PutOptions): Promise<void> {
     throwIfAborted(opts?.signal);
+    // Keeps no partial uploads (no uploadStatus): only a whole upload will do.
+    if (opts?.upload !== undefined && opts.upload.offset !== 0) {
+      throw new ConnectError(
+        `upload ${opts.upload.id} of blob ${digestString(digest)}: write_offset ${opts.upload.offset} is beyond the 0 bytes ` +
+          'this store holds of it (it keeps no partial uploads); restart at 0',
+        Code.OutOfRange,
+      );
+    }
     const source = this.#opts.contentAddressed ? verifying(digest, chunks) : chunks;
     // Copy: callers may reuse their buffers after put() resolves.
     const data = Uint8Array.from(await collect(source));

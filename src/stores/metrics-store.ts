@@ -166,6 +166,11 @@ export class MetricsStore implements BlobStore {
     this.#observe('put', start, undefined);
   }
 
+  /** Passed through (see BlobStore.uploadStatus); 0 when the inner store keeps no partial uploads. */
+  async uploadStatus(digest: Digest, uploadId: string, opts?: CallOptions): Promise<number> {
+    return (await this.inner.uploadStatus?.(digest, uploadId, opts)) ?? 0;
+  }
+
   describe(): StoreDescription {
     return this.inner.describe();
   }

@@ -10,6 +10,7 @@ import { digestString } from '../digest.ts';
 import { GrpcClientCall } from '../grpc/client-call.ts';
 import { decodeWriteResponse, encodeReadRequest, writeRequestHeader } from '../grpc/bytestream-codec.ts';
 import type { ShardTransport } from '../transport.ts';
+import type { UploadRef } from './blob-store.ts';
 
 const READ_METHOD = '/google.bytestream.ByteStream/Read';
 const WRITE_METHOD = '/google.bytestream.ByteStream/Write';
@@ -192,14 +193,22 @@ export class ShardRead implements AsyncIterableIterator<Uint8Array> {
  * shard could commit it. An early answer (the shard already had the blob)
  * ends the upload at once. Errors of the caller's own stream win over
  * whatever the aborted call reports.
+ *
+ * With `upload` (a resumable upload, see PutOptions.upload) the resource name
+ * carries the client's upload id instead of a fresh one, so the shard keeps
+ * the prefix of an interrupted upload under the id the client will ask
+ * about, and the chunks are the blob from `upload.offset` on, sent at that
+ * write_offset (the shard refuses an offset that is not its kept prefix).
  */
 export async function shardWrite(
   deps: ByteStreamDeps,
   digest: Digest,
   chunks: AsyncIterable<Uint8Array>,
   callerSignal: AbortSignal | undefined,
+  upload?: UploadRef | undefined,
 ): Promise<void> {
-  const resourceName = `${deps.resourcePrefix}uploads/${randomUUID()}/blobs/${digest.hash}/${digest.size}`;
+  const resourceName = uploadResourceName(deps, upload?.id ?? randomUUID(), digest);
+  const start = upload?.offset ?? 0;
   let call: GrpcClientCall | undefined;
   let timer: NodeJS.Timeout | undefined;
   const arm = (ms: number, what: string) => {
@@ -227,8 +236,12 @@ export async function shardWrite(
     const stream = await deps.transport.openGrpcStream(WRITE_METHOD);
     call = new GrpcClientCall(stream, READ_MAX_BYTES);
     if (callerSignal?.aborted) onAbort();
-    let offset = 0;
+    let offset = start;
     let r = await pull();
+    if (r.done && start === digest.size && start > 0) {
+      // A resumption with nothing left to send: finish_write alone completes it.
+      await call.send(writeRequestHeader(resourceName, offset, true, 0));
+    }
     while (!r.done) {
       const data = r.value;
       const end = offset + data.byteLength;
@@ -240,7 +253,7 @@ export async function shardWrite(
       }
       if (call.statusReceived) break; // the shard answered early: it has the blob
       arm(deps.stallMs, 'shard accepted no upload data');
-      await call.send(writeRequestHeader(offset === 0 ? resourceName : '', offset, last, data.byteLength), data);
+      await call.send(writeRequestHeader(offset === start ? resourceName : '', offset, last, data.byteLength), data);
       deps.sent(data.byteLength);
       offset = end;
       if (last) break;
@@ -275,6 +288,11 @@ export async function shardWrite(
     // it. Not awaited: it may be blocked on the client.
     void pieces.return?.(undefined)?.catch(() => {});
   }
+}
+
+/** The shard-side resource name of upload `id` of `digest`. */
+export function uploadResourceName(deps: Pick<ByteStreamDeps, 'resourcePrefix'>, id: string, digest: Digest): string {
+  return `${deps.resourcePrefix}uploads/${id}/blobs/${digest.hash}/${digest.size}`;
 }
 
 function tooLong(digest: Digest): ConnectError {

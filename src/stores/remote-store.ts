@@ -11,7 +11,8 @@ import { collect, resolveRange } from '../streams.ts';
 import type { ShardTransport } from '../transport.ts';
 import { createShardTransport } from '../transport.ts';
 import type { ByteStreamDeps } from './remote-bytestream.ts';
-import { ShardRead, shardWrite } from './remote-bytestream.ts';
+import { ShardRead, shardWrite, uploadResourceName } from './remote-bytestream.ts';
+import { ByteStream } from '../../gen/google/bytestream/bytestream_pb.ts';
 import {
   ActionCache,
   ActionResultSchema,
@@ -112,6 +113,7 @@ export class RemoteStore implements BlobStore {
   readonly #ac: Client<typeof ActionCache>;
   readonly #health: Client<typeof Health>;
   readonly #capabilities: Client<typeof Capabilities>;
+  readonly #byteStream: Client<typeof ByteStream>;
   /** What the ByteStream fast path (remote-bytestream.ts) needs from this store. */
   readonly #byteStreamDeps: ByteStreamDeps;
   /** Set once the shard answered UNIMPLEMENTED to grpc.health.v1. */
@@ -142,6 +144,7 @@ export class RemoteStore implements BlobStore {
     this.#ac = createClient(ActionCache, t);
     this.#health = createClient(Health, t);
     this.#capabilities = createClient(Capabilities, t);
+    this.#byteStream = createClient(ByteStream, t);
     this.#byteStreamDeps = {
       transport: this.#transport,
       resourcePrefix: this.#instancePrefix(),
@@ -238,7 +241,33 @@ export class RemoteStore implements BlobStore {
       }
       return;
     }
-    await shardWrite(this.#byteStreamDeps, digest, chunks, opts?.signal);
+    await shardWrite(this.#byteStreamDeps, digest, chunks, opts?.signal, opts?.upload);
+  }
+
+  /**
+   * Resumable uploads (see BlobStore.uploadStatus): the shard's
+   * QueryWriteStatus for the upload's resource name (put() writes under the
+   * same one). A shard that keeps no partials answers 0; one without
+   * QueryWriteStatus (UNIMPLEMENTED), or that does not know the upload
+   * (NOT_FOUND, as some servers answer), counts as 0 too.
+   */
+  async uploadStatus(digest: Digest, uploadId: string, opts?: CallOptions): Promise<number> {
+    this.#checkOpen(opts?.signal);
+    if (this.#tree !== 'cas' || isEmptyDigest(digest)) return 0;
+    try {
+      const res = await this.#unary(opts?.signal, (signal) =>
+        this.#byteStream.queryWriteStatus(
+          { resourceName: uploadResourceName(this.#byteStreamDeps, uploadId, digest) },
+          { signal, timeoutMs: this.#timeoutMs },
+        ),
+      );
+      // complete: the shard has the blob; what is "kept" is all of it.
+      const committed = res.complete ? digest.size : Number(res.committedSize);
+      return Number.isSafeInteger(committed) && committed > 0 && committed <= digest.size ? committed : 0;
+    } catch (err) {
+      if (err instanceof ConnectError && (err.code === Code.Unimplemented || err.code === Code.NotFound)) return 0;
+      throw err;
+    }
   }
 
   /**

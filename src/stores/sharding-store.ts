@@ -418,6 +418,9 @@ export class ShardingStore implements BlobStore {
     const owner = ranked[0]!; // the true owner, whatever its state
     const candidates = ranked.filter((s) => avail.has(s));
     const source = new ReplayableUpload(chunks, this.#maxReplayBytes, { clientErrors: this.#foreignErrors });
+    // Resuming an upload (see uploadStatus): only the shard that kept its
+    // prefix can take the rest; no other shard is tried.
+    const resuming = (opts?.upload?.offset ?? 0) !== 0;
     try {
       let target = candidates[0]!;
       for (let attempt = 0; ; attempt++) {
@@ -433,19 +436,24 @@ export class ShardingStore implements BlobStore {
         const epoch = this.#exists.epoch(target);
         // Cancelled if the shard's breaker opens meanwhile, as long as the
         // write could still be retried (the same rule as below).
-        const retryable = () => attempt === 0 && source.replayable && candidates[attempt + 1] !== undefined;
+        const retryable = () => attempt === 0 && !resuming && source.replayable && candidates[attempt + 1] !== undefined;
         try {
           await this.#call(
             target,
             signal,
-            (s) => target.store.put(digest, this.#writeStream(target, source.stream()), { signal: s, namespace: opts?.namespace }),
+            (s) =>
+              target.store.put(digest, this.#writeStream(target, source.stream()), {
+                signal: s,
+                namespace: opts?.namespace,
+                ...(opts?.upload === undefined ? {} : { upload: opts.upload }),
+              }),
             retryable,
           );
         } catch (err) {
           if (needsHint) this.#hintsReserved--;
           throwIfAborted(signal);
           const next = candidates[attempt + 1];
-          if (attempt === 0 && isInfrastructureError(err) && !this.#isForeign(err) && source.replayable && next !== undefined) {
+          if (attempt === 0 && !resuming && isInfrastructureError(err) && !this.#isForeign(err) && source.replayable && next !== undefined) {
             this.#retries++;
             this.#log?.debug({ shard: target.name, digest: digestString(digest), err: toConnectError(err).message }, 'write failed, retrying on next shard');
             target = next;
@@ -471,6 +479,25 @@ export class ShardingStore implements BlobStore {
     } finally {
       source.dispose();
     }
+  }
+
+  /**
+   * Resumable uploads (see BlobStore.uploadStatus): what the shard a put of
+   * `digest` would go to now (the top-ranked available one) keeps of the
+   * upload. That is the shard the interrupted part went to as long as it is
+   * still the owner and healthy; if the owner changed (a breaker opened or
+   * closed, a drain) the new one keeps nothing, so the client restarts from
+   * 0 and the old shard's prefix expires there. put() sends a resumed upload
+   * (offset > 0) to that shard only.
+   */
+  async uploadStatus(digest: Digest, uploadId: string, opts?: CallOptions): Promise<number> {
+    this.#checkOpen();
+    throwIfAborted(opts?.signal);
+    const avail = this.#available();
+    const target = this.#ranked(digest).find((s) => avail.has(s));
+    const status = target?.store.uploadStatus?.bind(target.store);
+    if (target === undefined || status === undefined) return 0;
+    return this.#call(target, opts?.signal, (s) => status(digest, uploadId, { signal: s }));
   }
 
   /** Holds a shard's breaker open until undrain(). Unknown name: NOT_FOUND. */

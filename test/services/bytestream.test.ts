@@ -13,6 +13,7 @@ import { ByteStream } from '../../gen/google/bytestream/bytestream_pb.ts';
 import type { WriteRequestSchema } from '../../gen/google/bytestream/bytestream_pb.ts';
 import type { Digest } from '../../src/digest.ts';
 import { digestOf, EMPTY_DIGEST } from '../../src/digest.ts';
+import { DiskStore } from '../../src/stores/disk-store.ts';
 import { MemoryStore } from '../../src/stores/memory-store.ts';
 import { createByteStreamService, READ_CHUNK_BYTES } from '../../src/services/bytestream.ts';
 import { readResourceName, writeResourceName } from '../../src/services/resource-name.ts';
@@ -189,7 +190,8 @@ t.test('Write', async (t) => {
 
     const late = good();
     late[0] = { ...late[0], writeOffset: 100n };
-    await rejectsWith(t, client.write(stream(late)), Code.InvalidArgument, /write_offset 100 in the first message: uploads must start at 0/);
+    // The memory store keeps no partial uploads: any offset but 0 is past what it holds.
+    await rejectsWith(t, client.write(stream(late)), Code.OutOfRange, /write_offset 100 is beyond the 0 bytes this server holds of the upload/);
 
     const renamed = good();
     renamed[1] = { ...renamed[1], resourceName: writeResourceName('', 'other', d) };
@@ -374,4 +376,58 @@ t.test('over real HTTP/2 with the connect-node gRPC client', async (t) => {
   t.ok((await readAll(client, readResourceName('', d), 10n, 20n)).data.equals(blob.subarray(10, 30)), 'still serving');
   const again = randomBytes(300 * KiB);
   t.equal((await client.write(stream(messages(writeResourceName('', 'h2b', digestOf(again)), again)))).committedSize, BigInt(again.byteLength));
+});
+
+t.test('resumable uploads over a disk CAS', async (t) => {
+  const cas = await DiskStore.open({ path: t.testdir(), maxSizeBytes: 64 * MiB, contentAddressed: true, fsync: false });
+  t.teardown(() => cas.close());
+  const deps = {
+    cas,
+    ac: new MemoryStore({ maxSizeBytes: MiB, contentAddressed: false }),
+    logger: pino({ level: 'silent' }),
+    maxBatchTotalSizeBytes: 4 * MiB,
+    isReady: () => true,
+  };
+  const client = createClient(ByteStream, createRouterTransport((router) => router.service(ByteStream, createByteStreamService(deps))));
+  const blob = randomBytes(1 * MiB + 123);
+  const d = digestOf(blob);
+  const name = writeResourceName('i', 'resume-me', d);
+  const status = async (n = name) => {
+    const s = await client.queryWriteStatus({ resourceName: n });
+    return { committedSize: s.committedSize, complete: s.complete };
+  };
+
+  // A stream that broke after 20 messages (no finish_write): the prefix is kept.
+  const all = messages(name, blob);
+  await rejectsWith(t, client.write(stream(all.slice(0, 20).map((m) => ({ ...m, finishWrite: false })))), Code.InvalidArgument, /without finish_write/);
+  const kept = BigInt(20 * 16 * KiB);
+  t.same(await status(), { committedSize: kept, complete: false }, 'QueryWriteStatus reports the prefix');
+  t.same(await status(writeResourceName('i', 'another', d)), { committedSize: 0n, complete: false }, 'keyed by the upload id');
+  t.same(await cas.findMissing([d]), [d], 'nothing partial is visible as a blob');
+
+  // Wrong offsets: precise errors, the prefix stays.
+  const at = (offset: number): WriteInit[] => messages(name, blob.subarray(offset)).map((m, i) => ({
+    ...m,
+    resourceName: i === 0 ? name : '',
+    writeOffset: (m.writeOffset as bigint) + BigInt(offset),
+  }));
+  await rejectsWith(t, client.write(stream(at(Number(kept) + 1))), Code.OutOfRange, /write_offset 327681 is beyond the 327680 bytes this server holds/);
+  await rejectsWith(t, client.write(stream(at(1000))), Code.InvalidArgument, /write_offset 1000 is behind the 327680 bytes .*resume at write_offset 327680/);
+  await rejectsWith(t, client.write(stream(at(blob.byteLength + 1))), Code.OutOfRange, /is past the end of the 1048699-byte blob/);
+  await rejectsWith(
+    t,
+    client.write(stream([{ resourceName: writeResourceName('i', 'resume-me', d, 'zstd'), writeOffset: 5n, data: new Uint8Array(1) }])),
+    Code.OutOfRange,
+    /must be 0 for a compressed upload/,
+  );
+  t.same(await status(), { committedSize: kept, complete: false });
+
+  // The resumed Write sends only the rest.
+  const rest = at(Number(kept));
+  const sent = rest.reduce((n, m) => n + (m.data as Uint8Array).byteLength, 0);
+  t.equal(sent, blob.byteLength - Number(kept));
+  t.equal((await client.write(stream(rest))).committedSize, BigInt(blob.byteLength));
+  t.same(await status(), { committedSize: BigInt(blob.byteLength), complete: true });
+  t.same((await readAll(client, readResourceName('i', d))).data, blob);
+  t.match(cas.describe(), { partialUploads: 0, partialUploadsResumed: 1, uploadBytesInFlight: 0 });
 });

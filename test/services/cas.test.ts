@@ -2,6 +2,7 @@ import { create, toBinary } from '@bufbuild/protobuf';
 import type { MessageInitShape } from '@bufbuild/protobuf';
 import type { Client } from '@connectrpc/connect';
 import { Code, ConnectError, createClient, createRouterTransport } from '@connectrpc/connect';
+import { createGrpcTransport } from '@connectrpc/connect-node';
 import { pino } from 'pino';
 import t from 'tap';
 import type { Directory } from '../../gen/build/bazel/remote/execution/v2/remote_execution_pb.ts';
@@ -18,6 +19,7 @@ import type { BlobStore, CallOptions, GetOptions } from '../../src/stores/blob-s
 import { MemoryStore } from '../../src/stores/memory-store.ts';
 import { once } from '../../src/streams.ts';
 import { failure } from '../helpers/failure.ts';
+import { startNode } from '../helpers/node.ts';
 
 const enc = new TextEncoder();
 
@@ -485,20 +487,90 @@ t.test('GetTree rejects foreign, garbled and past-the-end page tokens', async (t
   t.equal(negative.rawMessage, 'page_size -1 is negative');
 });
 
-t.test('GetTree: a missing root or subdirectory is NOT_FOUND naming the digest', async (t) => {
-  const { client, cas } = setup();
+t.test('GetTree: a missing root is NOT_FOUND naming the digest', async (t) => {
+  const { client } = setup();
   const absent = digestOf(toBinary(DirectorySchema, create(DirectorySchema, { files: [{ name: 'gone' }] })));
   const missingRoot = await failure(collectTree(client, { rootDigest: toProtoDigest(absent) }));
   t.equal(missingRoot.code, Code.NotFound);
   t.equal(missingRoot.rawMessage, `root directory ${digestString(absent)} not found`);
+});
 
-  const parent = await putBlob(
-    cas,
-    toBinary(DirectorySchema, create(DirectorySchema, { directories: [{ name: 'sub', digest: toProtoDigest(absent) }] })),
+/** A memory CAS whose blobs can be made to vanish behind GetTree's back (NOT_FOUND). */
+function vanishing(): { store: BlobStore; forget: (d: Digest) => void } {
+  const inner = new MemoryStore({ maxSizeBytes: 1 << 30, contentAddressed: true });
+  const gone = new Set<string>();
+  const store: BlobStore = {
+    findMissing: async (ds, o) => [...ds.filter((d) => gone.has(d.hash)), ...(await inner.findMissing(ds.filter((d) => !gone.has(d.hash)), o))],
+    get: async (d, o) => {
+      if (gone.has(d.hash)) throw new ConnectError(`blob ${digestString(d)} not found`, Code.NotFound);
+      return inner.get(d, o);
+    },
+    put: (d, c, o) => inner.put(d, c, o),
+    describe: () => inner.describe(),
+    close: () => inner.close(),
+  };
+  return { store, forget: (d) => gone.add(d.hash) };
+}
+
+t.test('GetTree: a partly missing tree returns the portion present, missing subtrees left out', async (t) => {
+  const { store, forget } = vanishing();
+  const { client, cas } = setup({ cas: store });
+  const { root, order, digests } = await buildTree(cas);
+  // order: root, e, x, y, z, w; x lists z; y lists w and z. Without y, w is
+  // unreachable, z still comes through x.
+  forget(digests.y!);
+  const pages = await collectTree(client, { rootDigest: toProtoDigest(root) });
+  t.same(asBinary(pages.flatMap((p) => p.directories)), asBinary([order[0]!, order[1]!, order[2]!, order[4]!]));
+  t.equal(pages.at(-1)!.nextPageToken, '');
+
+  // Pages and tokens count the directories present.
+  const paged = await collectTree(client, { rootDigest: toProtoDigest(root), pageSize: 3 });
+  t.same(paged.map((p) => asBinary(p.directories)), [asBinary(order.slice(0, 3)), asBinary([order[4]!])]);
+
+  // Every subdirectory gone: the root alone.
+  forget(digests.x!);
+  forget(digests.z!);
+  const rootOnly = await collectTree(client, { rootDigest: toProtoDigest(root) });
+  t.same(asBinary(rootOnly.flatMap((p) => p.directories)), asBinary([order[0]!, order[1]!]), 'the root and the empty directory');
+});
+
+t.test('GetTree: failures other than NOT_FOUND still fail the call', async (t) => {
+  const inner = new MemoryStore({ maxSizeBytes: 1 << 30, contentAddressed: true });
+  let broken: Digest | undefined;
+  const flaky: BlobStore = {
+    findMissing: (d, o) => inner.findMissing(d, o),
+    get: async (d, o) => {
+      if (broken !== undefined && d.hash === broken.hash) throw new ConnectError('shard down', Code.Unavailable);
+      return inner.get(d, o);
+    },
+    put: (d, c, o) => inner.put(d, c, o),
+    describe: () => inner.describe(),
+    close: () => inner.close(),
+  };
+  const { client, cas } = setup({ cas: flaky });
+  const { root, digests } = await buildTree(cas);
+  broken = digests.y!;
+  const err = await failure(collectTree(client, { rootDigest: toProtoDigest(root) }));
+  t.equal(err.code, Code.Unavailable, 'an unreadable directory is not taken for a missing one');
+});
+
+t.test('GetTree over gRPC with connect-node: a partial tree, then NOT_FOUND for a missing root', async (t) => {
+  const { store, forget } = vanishing();
+  const node = await startNode({ trees: { cas: store, ac: new MemoryStore({ maxSizeBytes: 1 << 20, contentAddressed: false }) } });
+  t.teardown(() => node.close());
+  const grpc = createClient(ContentAddressableStorage, createGrpcTransport({ baseUrl: node.url }));
+  const { root, order, digests } = await buildTree(node.cas);
+  forget(digests.y!);
+  const pages = await collectTree(grpc, { rootDigest: toProtoDigest(root), pageSize: 2 });
+  t.same(
+    pages.map((p) => asBinary(p.directories)),
+    [asBinary(order.slice(0, 2)), asBinary([order[2]!, order[4]!])],
   );
-  const missingChild = await failure(collectTree(client, { rootDigest: toProtoDigest(parent) }));
-  t.equal(missingChild.code, Code.NotFound);
-  t.equal(missingChild.rawMessage, `directory ${digestString(absent)} at "sub" under ${digestString(parent)} not found`);
+  t.equal(pages[1]!.nextPageToken, '');
+  forget(root);
+  const missing = await failure(collectTree(grpc, { rootDigest: toProtoDigest(root) }));
+  t.equal(missing.code, Code.NotFound);
+  t.equal(missing.rawMessage, `root directory ${digestString(root)} not found`);
 });
 
 t.test('GetTree: a blob that is not a Directory is INVALID_ARGUMENT', async (t) => {

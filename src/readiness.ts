@@ -23,6 +23,20 @@ export function canServe(node: StoreDescription): boolean {
 }
 
 /**
+ * Whether every shard of every sharding node in the tree is taking traffic
+ * (breaker closed). Only then is a NOT_FOUND from the tree an answer about
+ * the blob: with a shard open or drained, a read skips the blob's owner and
+ * asks the next-ranked shards, which may well not have it.
+ */
+export function allShardsClosed(node: StoreDescription): boolean {
+  if (node.kind === 'sharding') {
+    const shards = Array.isArray(node.shards) ? (node.shards as { state?: unknown }[]) : [];
+    if (!shards.every((s) => s.state === 'closed')) return false;
+  }
+  return (node.children ?? []).every(allShardsClosed);
+}
+
+/**
  * Why a ready store tree is serving with less redundancy than configured:
  * one line per fallback pair whose writes now land on one side only (plus a
  * journal entry for the other), prefixed with the pair's path in the tree.

@@ -1,5 +1,5 @@
 import t from 'tap';
-import { canServe } from '../src/readiness.ts';
+import { allShardsClosed, canServe } from '../src/readiness.ts';
 import type { StoreDescription } from '../src/stores/blob-store.ts';
 
 const shard = (name: string, state: string) => ({ name, state });
@@ -24,4 +24,19 @@ t.test('decorators need their backend', async (t) => {
   t.equal(canServe({ kind: 'completenessChecking', children: [sharding('open')] }), false);
   t.equal(canServe({ kind: 'completenessChecking', children: [sharding('closed')] }), true);
   t.equal(canServe({ kind: 'disk' }), true, 'a leaf can always serve');
+});
+
+t.test('allShardsClosed: a NOT_FOUND from a tree is about the blob only while every shard takes traffic', async (t) => {
+  const tree = (a: string, b: string): StoreDescription => ({
+    kind: 'fallback',
+    children: [
+      { kind: 'sharding', shards: [{ name: 'a', state: a }, { name: 'b', state: b }], children: [] },
+      { kind: 'remote', name: 'secondary' },
+    ],
+  });
+  t.equal(allShardsClosed(tree('closed', 'closed')), true);
+  t.equal(allShardsClosed(tree('closed', 'open')), false, 'an open shard: its blobs are not asked for');
+  t.equal(allShardsClosed(tree('half-open', 'closed')), false);
+  t.equal(allShardsClosed(tree('drained', 'closed')), false);
+  t.equal(allShardsClosed({ kind: 'remote', name: 'x' }), true, 'a tree without sharding');
 });

@@ -28,6 +28,8 @@ export interface CopyJob {
   nextSeq: number;
   readonly enqueuedAt: number;
   attempts: number;
+  /** NOT_FOUND answers from a source whose every shard was taking traffic (see FallbackStore's replays). */
+  notFound: number;
   /** Added again while in flight: run once more afterwards (AC values can change). */
   again: boolean;
   timer: NodeJS.Timeout | undefined;
@@ -112,7 +114,7 @@ export class CopyQueue {
       this.#unqueue(oldest);
       this.#o.onOverflow?.(oldest.digest, oldest.namespace);
     }
-    const job: CopyJob = { key, digest, namespace, seq, nextSeq: seq, enqueuedAt: Date.now(), attempts: 0, again: false, timer: undefined };
+    const job: CopyJob = { key, digest, namespace, seq, nextSeq: seq, enqueuedAt: Date.now(), attempts: 0, notFound: 0, again: false, timer: undefined };
     this.#pending.set(key, job);
     this.#ready.set(key, job);
     this.pump();

@@ -5,6 +5,7 @@ import type { Digest } from '../digest.ts';
 import { digestKey, digestString } from '../digest.ts';
 import { DurableLog, DurableLogFullError } from '../durable-log.ts';
 import { isCode, isInfrastructureError, throwIfAborted, toConnectError, withPrefix } from '../errors.ts';
+import { allShardsClosed } from '../readiness.ts';
 import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription } from './blob-store.ts';
 import { namespacedKey, namespacedName } from './blob-store.ts';
 import type { BreakerTransition, CircuitBreakerOptions } from './circuit-breaker.ts';
@@ -954,7 +955,7 @@ export class FallbackStore implements BlobStore {
         void this.#journal.delete(job.key, job.seq).catch(() => {});
         return 'done';
       }
-      if (job.attempts < maxNotFound) throw withPrefix('secondary', err);
+      if (!this.#notFoundCounts(job, this.#secondary, maxNotFound)) throw withPrefix('secondary', err);
       this.#log?.error({ blob: jobName(job) }, 'fallback: journaled blob is on neither backend any more; giving it up');
       void this.#journal.delete(job.key, job.seq).catch(() => {});
       return 'vanished';
@@ -967,6 +968,22 @@ export class FallbackStore implements BlobStore {
       this.#log?.warn({ err: describe(err) }, 'fallback: removing a replayed journal entry failed; it will be replayed again');
     });
     return 'done';
+  }
+
+  /**
+   * Whether a replay whose source said NOT_FOUND (and whose target lacks
+   * the blob too) may now give the entry up: after `maxNotFound` such
+   * answers, counting only those given while every shard of the source was
+   * taking traffic. A sharded source with a shard open or drained skips the
+   * blob's owner and asks next-ranked shards, so its NOT_FOUND says nothing
+   * about the blob: giving up on it lost acknowledged writes in the chaos
+   * soak (a shard down while the secondary's journal replayed, then wiped).
+   * Such an answer is retried later with the queue's backoff instead.
+   */
+  #notFoundCounts(job: CopyJob, source: BlobStore, maxNotFound: number): boolean {
+    if (!allShardsClosed(source.describe())) return false;
+    job.notFound++;
+    return job.notFound >= maxNotFound;
   }
 
   /** Sync mode: copies a blob only the primary holds to the secondary, then drops its journal entry. */
@@ -984,7 +1001,7 @@ export class FallbackStore implements BlobStore {
         void journal.delete(job.key, job.seq).catch(() => {});
         return 'done';
       }
-      if (job.attempts < maxNotFound) throw withPrefix('primary', err);
+      if (!this.#notFoundCounts(job, this.#primary, maxNotFound)) throw withPrefix('primary', err);
       this.#log?.error({ blob: jobName(job) }, 'fallback: blob journaled for the secondary is on neither backend any more; giving it up');
       void journal.delete(job.key, job.seq).catch(() => {});
       return 'vanished';

@@ -10,7 +10,7 @@ import type { BlobStore, CallOptions, GetOptions, PutOptions, StoreDescription }
 import { namespacedKey, namespacedName } from './blob-store.ts';
 import type { BreakerTransition, CircuitBreakerOptions } from './circuit-breaker.ts';
 import { CircuitBreaker } from './circuit-breaker.ts';
-import type { CopyJob, CopyOutcome, OverflowPolicy } from './copy-queue.ts';
+import type { CopyJob, CopyOutcome, CopyQueueOptions, OverflowPolicy } from './copy-queue.ts';
 import { CopyQueue } from './copy-queue.ts';
 import { ReplayableUpload, TeeUpload } from './replayable-upload.ts';
 
@@ -323,29 +323,10 @@ export class FallbackStore implements BlobStore {
     });
     const replay = opts.replay ?? {};
     const maxNotFound = positive(replay.maxNotFound ?? 3, 'replay.maxNotFound');
-    this.#replay = new CopyQueue({
-      // Bounded by the journal, which refuses writes beyond its size.
-      maxQueue: Number.POSITIVE_INFINITY,
-      concurrency: positive(replay.concurrency ?? 4, 'replay.concurrency'),
-      overflow: 'reject-new',
-      maxAttempts: Number.POSITIVE_INFINITY,
-      retryInitialMs: replay.retryInitialMs ?? 500,
-      retryMaxMs: replay.retryMaxMs ?? 30_000,
-      timeoutMs: backgroundTimeoutMs,
-      signal: this.#closing.signal,
-      canRun: primaryUp,
-      run: (job, signal) => this.#replayOne(job, signal, maxNotFound),
-      onGiveUp: (job, err) => {
-        this.#log?.error({ blob: jobName(job), err: describe(err) }, 'fallback: journaled blob cannot be replayed to the primary; giving it up');
-        void this.#journal.delete(job.key, job.seq).catch(() => {});
-      },
-    });
-    if (this.#durability === 'sync') {
-      if (opts.secondaryJournal === undefined) throw new RangeError('fallback store: durability "sync" needs a secondaryJournal');
-      this.#secondaryJournal = opts.secondaryJournal;
-      this.#secondaryBreaker = new CircuitBreaker(opts.breaker);
-      const secondaryJournal = opts.secondaryJournal;
-      this.#secondaryReplay = new CopyQueue({
+    // A journal's replay queue: bounded by the journal, which refuses writes
+    // beyond its size; retried until the entry is copied or given up.
+    const replayQueue = (journal: DurableLog<JournalRecord>, to: string, canRun: () => boolean, run: CopyQueueOptions['run']) =>
+      new CopyQueue({
         maxQueue: Number.POSITIVE_INFINITY,
         concurrency: positive(replay.concurrency ?? 4, 'replay.concurrency'),
         overflow: 'reject-new',
@@ -354,13 +335,21 @@ export class FallbackStore implements BlobStore {
         retryMaxMs: replay.retryMaxMs ?? 30_000,
         timeoutMs: backgroundTimeoutMs,
         signal: this.#closing.signal,
-        canRun: () => this.#secondaryUp(),
-        run: (job, signal) => this.#replayToSecondary(job, signal, maxNotFound),
+        canRun,
+        run,
         onGiveUp: (job, err) => {
-          this.#log?.error({ blob: jobName(job), err: describe(err) }, 'fallback: journaled blob cannot be replayed to the secondary; giving it up');
-          void secondaryJournal.delete(job.key, job.seq).catch(() => {});
+          this.#log?.error({ blob: jobName(job), err: describe(err) }, `fallback: journaled blob cannot be replayed to the ${to}; giving it up`);
+          void journal.delete(job.key, job.seq).catch(() => {});
         },
       });
+    this.#replay = replayQueue(this.#journal, 'primary', primaryUp, (job, signal) => this.#replayOne(job, signal, maxNotFound));
+    if (this.#durability === 'sync') {
+      if (opts.secondaryJournal === undefined) throw new RangeError('fallback store: durability "sync" needs a secondaryJournal');
+      this.#secondaryJournal = opts.secondaryJournal;
+      this.#secondaryBreaker = new CircuitBreaker(opts.breaker);
+      this.#secondaryReplay = replayQueue(opts.secondaryJournal, 'secondary', () => this.#secondaryUp(), (job, signal) =>
+        this.#replayToSecondary(job, signal, maxNotFound),
+      );
     } else if (opts.secondaryJournal !== undefined) {
       throw new RangeError('fallback store: a secondaryJournal is for durability "sync" only');
     }
